@@ -26,12 +26,12 @@ def store(path: Path) -> None:
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
+        cell.metadata.pop("execution", None)  # timestamps of this run
         tags = set(cell.metadata.get("tags", []))
         if tags & VOLATILE_TAGS:
             cell.outputs = []
             cell.execution_count = None
             continue
-        cell.metadata.pop("execution", None)
         for output in cell.outputs:
             text = str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", ""))
             if MACHINE_PATH.search(text):

@@ -1,0 +1,311 @@
+"""A stand-in for an Ollama server, speaking Ollama's REST protocol on the loopback.
+
+It serves what the course uses of Ollama's API, as Ollama sends it:
+
+- `GET /` -> "Ollama is running"; `GET /api/version` -> {"version": ...};
+  `GET /api/tags` -> {"models": [{name, model, modified_at, size, digest, details}]}
+- `POST /api/chat` -> NDJSON chunks {"model", "created_at", "message": {"role":
+  "assistant", "content"}, "done": false}, then a final chunk with "done": true,
+  "done_reason" and the timing counts; with "stream": false, one JSON object.
+  An unknown model gets 404 {"error": "model '...' not found"}.
+
+Instead of a language model it scores deterministically: when the prompt is the
+book's judge prompt ("Given the input `...` and correct output `...`, score the
+model response `...`"), the reply is round(100 x F1) of the word overlap between
+the model response and the correct output. Other prompts get a fixed sentence.
+
+Tests switch on faults with `set_fault`: "error-mid-stream" (an {"error": ...} line
+after part of the answer), "http-500" (a 500 answer), "disconnect" (the connection
+closes without an answer), "slow" (waits `delay` seconds first), "no-number" (a
+reply with no score in it). Each applies to the next `times` chat requests (None:
+all of them). Run it by hand with `python tests/ollama_standin.py --port 11434`.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import re
+import threading
+import time
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+VERSION = "0.0.0"  # not a real release: a stored notebook shows the stand-in answered
+MODELS = [
+    {
+        "name": "llama3:latest",
+        "model": "llama3:latest",
+        "modified_at": "2024-05-20T10:11:12.123456789+02:00",
+        "size": 4661224676,
+        # the SHA-256 of "course stand-in judge": not the digest of any real model
+        "digest": hashlib.sha256(b"course stand-in judge").hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "8.0B",
+            "quantization_level": "Q4_0",
+        },
+    }
+]
+FAULTS = ("error-mid-stream", "http-500", "disconnect", "slow", "no-number")
+NO_NUMBER_REPLY = "I cannot rate this response without more context."
+OTHER_PROMPT_REPLY = "I am a stand-in for a language model and only score responses."
+
+_JUDGE_PROMPT = re.compile(
+    r"Given the input `(?P<input>.*)` and correct output `(?P<output>.*)`, "
+    r"score the model response `(?P<response>.*)` on a scale from 0 to 100",
+    re.DOTALL,
+)
+
+
+def overlap_f1(response: str, reference: str) -> float:
+    """F1 of the words (lower case, letters and digits) shared by two texts."""
+    response_words = re.findall(r"\w+", response.lower())
+    reference_words = re.findall(r"\w+", reference.lower())
+    if not response_words or not reference_words:
+        return float(response_words == reference_words)
+    common = sum(
+        (collections.Counter(response_words) & collections.Counter(reference_words)).values()
+    )
+    if common == 0:
+        return 0.0
+    precision = common / len(response_words)
+    recall = common / len(reference_words)
+    return 2 * precision * recall / (precision + recall)
+
+
+def judge_reply(prompt: str) -> str:
+    """What the stand-in answers to a prompt: the overlap score for the judge prompt."""
+    match = _JUDGE_PROMPT.search(prompt)
+    if match is None:
+        return OTHER_PROMPT_REPLY
+    return str(round(100 * overlap_f1(match["response"], match["output"])))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # chunked streaming, like Ollama's Go server
+    server: _Server
+
+    def log_message(self, format, *args):
+        pass
+
+    # -- plumbing ---------------------------------------------------------
+    def _send_json(self, status: int, obj) -> None:
+        body = json.dumps(obj).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_chunk(self, obj) -> None:
+        data = (json.dumps(obj) + "\n").encode("utf-8")
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _end_chunks(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    # -- GET --------------------------------------------------------------
+    def do_GET(self):
+        owner = self.server.owner
+        owner.log("GET", self.path, None)
+        if self.path == "/":
+            body = b"Ollama is running"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/api/version":
+            self._send_json(200, {"version": owner.version})
+        elif self.path == "/api/tags":
+            self._send_json(200, {"models": owner.models})
+        else:
+            self._send_json(404, {"error": "404 page not found"})
+
+    # -- POST /api/chat ---------------------------------------------------
+    def do_POST(self):
+        owner = self.server.owner
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            body = None
+        owner.log("POST", self.path, body)
+        if self.path != "/api/chat":
+            self._send_json(404, {"error": "404 page not found"})
+            return
+        if not isinstance(body, dict):
+            self._send_json(400, {"error": "invalid character in request body"})
+            return
+        model = body.get("model")
+        if not model:
+            self._send_json(400, {"error": "model is required"})
+            return
+        if owner.find_model(model) is None:
+            self._send_json(404, {"error": f"model '{model}' not found"})
+            return
+        messages = body.get("messages") or []
+        prompt = messages[-1].get("content", "") if messages else ""
+
+        fault, delay = owner.take_fault()
+        if fault == "slow":
+            time.sleep(delay)
+        if fault == "disconnect":
+            self.close_connection = True
+            return  # the socket closes with no answer at all
+        if fault == "http-500":
+            self._send_json(500, {"error": "llama runner process has terminated: exit status 2"})
+            return
+        reply = NO_NUMBER_REPLY if fault == "no-number" else judge_reply(prompt)
+        final = {
+            "done_reason": "stop",
+            "done": True,
+            "total_duration": 1_250_000_000,
+            "load_duration": 20_000_000,
+            "prompt_eval_count": max(1, len(prompt) // 4),
+            "prompt_eval_duration": 900_000_000,
+            "eval_count": max(1, len(reply) // 2),
+            "eval_duration": 300_000_000,
+        }
+        if body.get("stream") is False:
+            self._send_json(
+                200,
+                {
+                    "model": model,
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": reply},
+                    **final,
+                },
+            )
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        pieces = [reply[i : i + 2] for i in range(0, len(reply), 2)]  # a "token" = 2 characters
+        if fault == "error-mid-stream":
+            pieces = pieces[: max(1, len(pieces) // 2)]
+        for piece in pieces:
+            self._send_chunk(
+                {
+                    "model": model,
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": piece},
+                    "done": False,
+                }
+            )
+        if fault == "error-mid-stream":
+            self._send_chunk(
+                {"error": "an error was encountered while running the model: unexpected EOF"}
+            )
+        else:
+            self._send_chunk(
+                {
+                    "model": model,
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": ""},
+                    **final,
+                }
+            )
+        self._end_chunks()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: OllamaStandIn
+
+
+class OllamaStandIn:
+    """The stand-in server; `url` is its base address, `requests` what it received."""
+
+    def __init__(self, port: int = 0, models: list[dict] | None = None, version: str = VERSION):
+        self.models = [dict(m) for m in (MODELS if models is None else models)]
+        self.version = version
+        self.requests: list[dict] = []
+        self._fault: str | None = None
+        self._fault_times: int | None = None
+        self._delay = 0.0
+        self._lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", port), _Handler)
+        self._server.owner = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> OllamaStandIn:
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> OllamaStandIn:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- behaviour switches -------------------------------------------------
+    def set_fault(self, fault: str | None, times: int | None = None, delay: float = 0.0) -> None:
+        """Misbehave in the way `fault` names for the next `times` chat requests."""
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}: use one of {FAULTS}")
+        with self._lock:
+            self._fault, self._fault_times, self._delay = fault, times, delay
+
+    def take_fault(self) -> tuple[str | None, float]:
+        with self._lock:
+            fault, delay = self._fault, self._delay
+            if fault is not None and self._fault_times is not None:
+                self._fault_times -= 1
+                if self._fault_times <= 0:
+                    self._fault = None
+            return fault, delay
+
+    def find_model(self, name: str) -> dict | None:
+        wanted = {name} if ":" in name else {name, name + ":latest"}
+        return next((m for m in self.models if m["name"] in wanted), None)
+
+    def log(self, method: str, path: str, body) -> None:
+        with self._lock:
+            self.requests.append({"method": method, "path": path, "body": body})
+
+    @property
+    def chat_requests(self) -> list[dict]:
+        """The bodies of the POST /api/chat requests received so far."""
+        with self._lock:
+            return [r["body"] for r in self.requests if r["path"] == "/api/chat"]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Serve the Ollama stand-in.")
+    parser.add_argument("--port", type=int, default=11434)
+    args = parser.parse_args()
+    server = OllamaStandIn(port=args.port).start()
+    print(f"Ollama stand-in at {server.url} (Ctrl+C stops it)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()

@@ -1,0 +1,373 @@
+"""The Google Colab cells of the nine notebooks, and the script that puts them there.
+
+    python tools/colab_cell.py           # insert or update the cells (and the README's links)
+    python tools/colab_cell.py --check   # only report notebooks whose cells are missing or old
+
+Every notebook gets, right after its title, a short note with an "Open in Colab" link
+and the Colab set-up cell: on Colab it fetches the course files, installs what Colab
+lacks and, if asked, keeps artifacts/ on Google Drive; anywhere else it does nothing
+and prints nothing. Notebook 09 also gets, right after its parameters cell, a cell that
+installs and starts Ollama on the Colab machine and pulls the judge model.
+
+The course's GitHub location is set in ONE place, REPOSITORY below. Instructors set it
+to their copy of the course (for example "my-school/llm-finetuning-course") and run this
+script again: it rewrites the cells in all nine notebooks and the README's Colab links.
+Running it twice changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+# Where the course lives on GitHub ("owner/name") and which branch Colab opens.
+# "OWNER/REPO" is the placeholder until an instructor sets it.
+REPOSITORY = "OWNER/REPO"
+BRANCH = "main"
+
+PLACEHOLDER = "OWNER/REPO"
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_GLOB = "0[1-9]_*.ipynb"
+SCORING_NOTEBOOK_PREFIX = "09_"
+
+SETUP_TAG = "colab-setup"
+OLLAMA_TAG = "colab-ollama"
+README_START = "<!-- colab-links:start -->"
+README_END = "<!-- colab-links:end -->"
+
+
+def clone_url(repository: str | None = None) -> str:
+    """The URL `git clone` fetches the course from."""
+    return f"https://github.com/{repository or REPOSITORY}.git"
+
+
+def colab_link(notebook_name: str, repository: str | None = None, branch: str | None = None) -> str:
+    """The address that opens a notebook of the repository on Colab."""
+    repository, branch = repository or REPOSITORY, branch or BRANCH
+    return f"https://colab.research.google.com/github/{repository}/blob/{branch}/{notebook_name}"
+
+
+# The set-up cell. __URL__, __BRANCH__ and __FOLDER__ are filled in by setup_cell_source().
+SETUP_CELL = """\
+# Google Colab set-up: on Colab this fetches the course files, installs what Colab lacks
+# and, if you want, keeps artifacts/ on Google Drive. Anywhere else it does nothing.
+# (Written by tools/colab_cell.py: change it there and run that script again.)
+import sys
+
+KEEP_ARTIFACTS_ON_DRIVE = False  # True: artifacts/ on Google Drive (survives a disconnect)
+
+if "google.colab" in sys.modules:
+    import importlib.util
+    import os
+    import subprocess
+    from pathlib import Path
+
+    COURSE_REPOSITORY = "__URL__"
+    COURSE_BRANCH = "__BRANCH__"
+    if (Path.cwd() / "helpers.py").exists():  # this cell ran before: already there
+        course_dir = Path.cwd()
+    else:
+        course_dir = Path.cwd() / "__FOLDER__"
+        if not (course_dir / "helpers.py").exists():
+            if "__PLACEHOLDER__" in COURSE_REPOSITORY:
+                raise RuntimeError(
+                    "COURSE_REPOSITORY above is a placeholder: set it to the git URL of the "
+                    "course (instructors: set REPOSITORY in tools/colab_cell.py)."
+                )
+            clone = subprocess.run(
+                ["git", "clone", "--depth", "1", "--branch", COURSE_BRANCH]
+                + [COURSE_REPOSITORY, str(course_dir)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            )
+            if clone.returncode != 0:
+                raise RuntimeError(
+                    f"Could not fetch the course from {COURSE_REPOSITORY}:\\n{clone.stderr}"
+                    "Check COURSE_REPOSITORY and COURSE_BRANCH above and the network."
+                )
+        os.chdir(course_dir)
+    if str(course_dir) not in sys.path:
+        sys.path.insert(0, str(course_dir))
+
+    # Colab has torch, numpy, matplotlib, tqdm, psutil and tensorflow: install only what is missing
+    needed = ["tiktoken", "safetensors", "tensorflow", "matplotlib", "tqdm", "psutil"]
+    missing_packages = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing_packages:
+        print("Installing", ", ".join(missing_packages))
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", *missing_packages], check=True
+        )
+        importlib.invalidate_caches()
+
+    if KEEP_ARTIFACTS_ON_DRIVE:
+        from google.colab import drive
+
+        drive.mount(str(course_dir.parent / "drive"))
+        drive_artifacts = course_dir.parent / "drive" / "MyDrive" / "__FOLDER__-artifacts"
+        drive_artifacts.mkdir(parents=True, exist_ok=True)
+        os.environ["COURSE_ARTIFACTS"] = str(drive_artifacts)
+    print("Course files:", course_dir)
+    if "COURSE_ARTIFACTS" in os.environ:
+        print("Artifacts:   ", os.environ["COURSE_ARTIFACTS"])
+    else:
+        print("Artifacts:    artifacts/ on this Colab machine only (lost when it disconnects;")
+        print("              set KEEP_ARTIFACTS_ON_DRIVE = True to keep them on Google Drive)")
+"""
+
+SETUP_NOTE = """\
+**On Google Colab?** [Open this notebook in Colab](__LINK__), choose a GPU runtime \
+(*Runtime → Change runtime type*) and run the next cell first: it fetches the course files \
+and installs what Colab lacks. Each notebook gets its own Colab machine, so set \
+`KEEP_ARTIFACTS_ON_DRIVE = True` in it to keep `artifacts/` on Google Drive: that is how \
+the notebooks hand their results to each other on Colab, and how a run continues after a \
+disconnect. Anywhere else the cell does nothing."""
+
+# Notebook 09 only, right after its parameters cell (it uses JUDGE_MODEL).
+OLLAMA_CELL = """\
+# Google Colab only: install Ollama on the Colab machine, start it and pull the judge model.
+# llama3 (8B, 4-bit) is a 4.7 GB download and needs about 6 GB of GPU memory (or of RAM
+# without a GPU) next to the fine-tuned GPT-2. Anywhere else this cell does nothing.
+import sys
+
+if "google.colab" in sys.modules:
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+    import urllib.request
+
+    ollama_url = os.environ.get("OLLAMA_HOST", "http://localhost:11434")
+    ollama_url = ollama_url if "://" in ollama_url else "http://" + ollama_url
+    if shutil.which("ollama") is None:
+        # the installer unpacks with zstd and looks for the GPU with lspci (pciutils)
+        if shutil.which("zstd") is None or shutil.which("lspci") is None:
+            subprocess.run(
+                "apt-get update -qq && apt-get install -y -qq zstd pciutils", shell=True, check=True
+            )
+        print("Installing Ollama ...")
+        subprocess.run("curl -fsSL https://ollama.com/install.sh | sh", shell=True, check=True)
+
+    def ollama_is_up() -> bool:
+        try:
+            with urllib.request.urlopen(ollama_url + "/api/version", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    if not ollama_is_up():
+        ollama_log = os.path.join(tempfile.gettempdir(), "ollama.log")
+        with open(ollama_log, "ab") as log:
+            subprocess.Popen(["ollama", "serve"], stdout=log, stderr=log, start_new_session=True)
+        for _ in range(60):
+            if ollama_is_up():
+                break
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"Ollama did not start within a minute: see {ollama_log}.")
+    print(f"Ollama is running at {ollama_url}.")
+    print(f"Pulling {JUDGE_MODEL} (llama3 is a 4.7 GB download) ...")
+    pull = subprocess.run(["ollama", "pull", JUDGE_MODEL], capture_output=True, text=True)
+    if pull.returncode != 0:
+        raise RuntimeError(f"ollama pull {JUDGE_MODEL} failed:\\n{pull.stderr[-2000:]}")
+    print(f"{JUDGE_MODEL} is ready.")
+"""
+
+OLLAMA_NOTE = """\
+**On Google Colab**, the next cell installs Ollama on the Colab machine, starts it and \
+pulls the judge model `JUDGE_MODEL`. The book's judge, llama3 (8B parameters, 4-bit), is \
+a 4.7 GB download and needs about 6 GB of GPU memory, which fits next to GPT-2 medium on \
+a T4 (15 GB); without a GPU it runs on the CPU and needs about 6 GB of RAM, slowly. \
+Anywhere else the cell does nothing: install Ollama from https://ollama.com, then run \
+`ollama serve` and `ollama pull llama3` in a terminal."""
+
+
+def folder_name(url: str) -> str:
+    """The folder `git clone` makes for a URL: ".../REPO.git" -> "REPO"."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".git")] if name.endswith(".git") else name
+
+
+def setup_cell_source(url: str | None = None, branch: str | None = None) -> str:
+    """The exact source of the Colab set-up cell (`url`: where git clones the course from)."""
+    url, branch = url or clone_url(), branch or BRANCH
+    return (
+        SETUP_CELL.replace("__URL__", url)
+        .replace("__BRANCH__", branch)
+        .replace("__FOLDER__", folder_name(url))
+        .replace("__PLACEHOLDER__", PLACEHOLDER)
+    ).rstrip("\n")
+
+
+def setup_note_source(notebook_name: str) -> str:
+    """The markdown note before the set-up cell, with this notebook's Colab link."""
+    return SETUP_NOTE.replace("__LINK__", colab_link(notebook_name))
+
+
+def ollama_cell_source() -> str:
+    """The exact source of notebook 09's Ollama cell."""
+    return OLLAMA_CELL.rstrip("\n")
+
+
+def find_notebooks(root: str | Path = ROOT) -> list[Path]:
+    """The course notebooks, in order."""
+    return sorted(Path(root).glob(NOTEBOOK_GLOB))
+
+
+def _tags(cell) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def _find(nb, tag: str, cell_type: str) -> int | None:
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == cell_type and tag in _tags(cell):
+            return index
+    return None
+
+
+def _new_cell(nb, cell_type: str, source: str, tag: str, cell_id: str):
+    if cell_type == "code":
+        cell = nbformat.v4.new_code_cell(source, metadata={"tags": [tag]})
+    else:
+        cell = nbformat.v4.new_markdown_cell(source, metadata={"tags": [tag]})
+    if nb.nbformat == 4 and nb.nbformat_minor >= 5:
+        cell.id = cell_id
+    else:
+        cell.pop("id", None)
+    return cell
+
+
+def _put(nb, index: int, cell_type: str, source: str, tag: str, cell_id: str) -> bool:
+    """Update the tagged cell's source, or insert it at `index`. True if anything changed."""
+    existing = _find(nb, tag, cell_type)
+    if existing is None:
+        nb.cells.insert(index, _new_cell(nb, cell_type, source, tag, cell_id))
+        return True
+    if nb.cells[existing].source != source:
+        nb.cells[existing].source = source
+        return True
+    return False
+
+
+def parameters_index(nb) -> int:
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and "parameters" in _tags(cell):
+            return index
+    raise ValueError('no code cell is tagged "parameters"')
+
+
+def apply_to_notebook(nb, name: str) -> bool:
+    """Insert or update the Colab cells of one notebook (in memory). True if it changed."""
+    changed = False
+    start = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0
+    # the note and the set-up cell go together, right after the title
+    changed |= _put(nb, start, "markdown", setup_note_source(name), SETUP_TAG, "colab-setup-note")
+    note = _find(nb, SETUP_TAG, "markdown")
+    changed |= _put(nb, note + 1, "code", setup_cell_source(), SETUP_TAG, "colab-setup")
+    if name.startswith(SCORING_NOTEBOOK_PREFIX):
+        after = parameters_index(nb) + 1
+        changed |= _put(nb, after, "markdown", OLLAMA_NOTE, OLLAMA_TAG, "colab-ollama-note")
+        note = _find(nb, OLLAMA_TAG, "markdown")
+        changed |= _put(nb, note + 1, "code", ollama_cell_source(), OLLAMA_TAG, "colab-ollama")
+    return changed
+
+
+def problems_in_notebook(nb, name: str) -> list[str]:
+    """What is missing or out of date in one notebook's Colab cells."""
+    problems = []
+    expected = [("code", SETUP_TAG, setup_cell_source(), "Colab set-up cell")]
+    expected.append(("markdown", SETUP_TAG, setup_note_source(name), "Colab note"))
+    if name.startswith(SCORING_NOTEBOOK_PREFIX):
+        expected.append(("code", OLLAMA_TAG, ollama_cell_source(), "Ollama cell"))
+        expected.append(("markdown", OLLAMA_TAG, OLLAMA_NOTE, "Ollama note"))
+    for cell_type, tag, source, what in expected:
+        index = _find(nb, tag, cell_type)
+        if index is None:
+            problems.append(f"{name}: has no {what}")
+        elif nb.cells[index].source != source:
+            problems.append(f"{name}: its {what} (cell {index}) is not the current one")
+    setup = _find(nb, SETUP_TAG, "code")
+    first_code = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), None)
+    if setup is not None and setup != first_code:
+        problems.append(f"{name}: the Colab set-up cell is not the first code cell")
+    if name.startswith(SCORING_NOTEBOOK_PREFIX):
+        ollama = _find(nb, OLLAMA_TAG, "code")
+        try:
+            params = parameters_index(nb)
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+        else:
+            if ollama is not None and ollama < params:
+                problems.append(f"{name}: the Ollama cell comes before the parameters cell")
+    return problems
+
+
+def readme_links(names: list[str]) -> str:
+    """The README's list of "Open in Colab" links, between its markers."""
+    lines = [README_START, "| notebook | |", "| --- | --- |"]
+    for name in names:
+        lines.append(f"| `{name}` | [Open in Colab]({colab_link(name)}) |")
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, names: list[str]) -> bool:
+    """Rewrite the links between the README's markers. True if it changed."""
+    if not readme.exists():
+        return False
+    text = readme.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        return False
+    new = pattern.sub(lambda _: readme_links(names), text)
+    if new == text:
+        return False
+    readme.write_text(new, encoding="utf-8")
+    return True
+
+
+def main(argv: list[str] | None = None, root: str | Path = ROOT) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing, report problems")
+    args = parser.parse_args(argv)
+    root = Path(root)
+    notebooks = find_notebooks(root)
+    if not notebooks:
+        print(f"No notebooks ({NOTEBOOK_GLOB}) in {root}.")
+        return 1
+    if PLACEHOLDER in REPOSITORY:
+        print(
+            f'Note: REPOSITORY is still the placeholder "{PLACEHOLDER}" (set it in {Path(__file__).name}).'
+        )
+    status = 0
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        if args.check:
+            problems = problems_in_notebook(nb, path.name)
+            for problem in problems:
+                print(problem)
+            status |= bool(problems)
+            continue
+        try:
+            changed = apply_to_notebook(nb, path.name)
+        except ValueError as exc:
+            print(f"{path.name}: {exc}; add one, then run this script again.")
+            status = 1
+            continue
+        if changed:
+            nbformat.write(nb, path)
+        print(f"{path.name}: {'updated' if changed else 'already current'}")
+    if not args.check and update_readme(root / "README.md", [p.name for p in notebooks]):
+        print("README.md: Colab links updated")
+    if len(notebooks) != 9:
+        print(f"Found {len(notebooks)} notebooks, the course has nine.")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
