@@ -1017,7 +1017,8 @@ def describe_network_error(exc: BaseException, url: str | None = None) -> str:
         if exc.code == 407:
             return (
                 "HTTP 407 Proxy Authentication Required: the proxy wants a user name and "
-                "password, set HTTPS_PROXY=http://user:password@proxy:8080."
+                "password. Put them into the proxy address: "
+                "HTTPS_PROXY=http://user:password@proxy:8080."
             )
         return f"HTTP {exc.code} {exc.reason}"
     parts = urllib.parse.urlsplit(url or "https://")
@@ -1194,23 +1195,26 @@ def download_gpt2_tf_files(
 ) -> Path:
     """Download the seven files of OpenAI's checkpoint, each from the backup if needed."""
     model_dir = Path(model_dir)
-    failed = []
+    failed, reasons = [], []
     for filename in GPT2_FILES:
-        errors = []
         for base in (base_url, backup_base_url):
             url = f"{base}/{model_size}/{filename}"
             try:
                 download_file(url, model_dir / filename)
                 break
             except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
-                errors.append(f"{base}: {describe_network_error(exc, url)}")
+                reason = f"{base}: {describe_network_error(exc, url)}"
+                if reason not in reasons:  # usually the same for every file
+                    reasons.append(reason)
         else:
-            failed.append((filename, errors))
+            failed.append(filename)
     if failed:
-        lines = [f"  {name}  ({'; '.join(errs)})" for name, errs in failed]
         raise ConnectionError(
             f"Could not download {len(failed)} of the GPT-2 {model_size} files from "
-            "either source:\n" + "\n".join(lines)
+            "either source:\n"
+            + "".join(f"  {name}\n" for name in failed)
+            + "because:\n"
+            + "\n".join(f"- {reason}" for reason in reasons)
         )
     return model_dir
 
@@ -1738,17 +1742,17 @@ def load_state_dict_checked(model: nn.Module, state_dict: Any, source: str) -> N
         return key.endswith(".att.mask")
 
     problems = [
+        f"{key}: the file has {tuple(value.shape)}, the model {tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and not optional(key) and value.shape != own[key].shape
+    ]
+    problems += [
         f"{key}: missing in the file" for key in own if key not in state_dict and not optional(key)
     ]
     problems += [
         f"{key}: in the file, not in the model"
         for key in state_dict
         if key not in own and not optional(key)
-    ]
-    problems += [
-        f"{key}: the file has {tuple(value.shape)}, the model {tuple(own[key].shape)}"
-        for key, value in state_dict.items()
-        if key in own and not optional(key) and value.shape != own[key].shape
     ]
     if problems:
         listed = "\n  ".join(problems[:10])
@@ -1849,8 +1853,10 @@ def save_training_checkpoint(
 def load_training_checkpoint(path: str | Path, model, optimizer, scaler, settings: dict) -> dict:
     """Read a checkpoint of `train_model` into `model`, `optimizer` and `scaler`.
 
-    Stops with a clear message when the file is damaged, is not such a checkpoint, or
-    was saved by a run with other settings (resuming it would mix two runs).
+    Returns the checkpoint, or None when it holds a finished run with other settings
+    (a new run may replace it). Stops with a clear message when the file is damaged,
+    is not such a checkpoint, or holds an unfinished run with other settings
+    (continuing it would mix two runs).
     """
     path = Path(path)
     start_over = (
@@ -1866,10 +1872,13 @@ def load_training_checkpoint(path: str | Path, model, optimizer, scaler, setting
         for key in sorted(set(saved) | set(settings))
         if saved.get(key) != settings.get(key)
     ]
+    if changed and checkpoint["progress"]["finished"]:
+        print(f"{path.name} holds a finished run with other settings ({'; '.join(changed)}).")
+        return None
     if changed:
         raise ValueError(
-            f"{path} was saved by a run with other settings ({'; '.join(changed)}), and "
-            f"continuing it would mix two runs. {start_over}, or change the settings back."
+            f"{path} holds an unfinished run with other settings ({'; '.join(changed)}), "
+            f"and continuing it would mix two runs. {start_over}, or change the settings back."
         )
     load_state_dict_checked(model, checkpoint["model_state_dict"], str(path))
     if not checkpoint["progress"]["finished"]:
@@ -1965,23 +1974,24 @@ def train_model(
     resume = None
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
-        if checkpoint_path.exists() and force:
-            print(f"force=True: training from the start ({checkpoint_path.name} will be replaced).")
-        elif checkpoint_path.exists():
+        if checkpoint_path.exists() and not force:
             resume = load_training_checkpoint(checkpoint_path, model, optimizer, scaler, settings)
-            progress = resume["progress"]
-            if progress["finished"]:
-                print(
-                    f"This run already finished ({checkpoint_path.name}): its trained weights "
-                    f"are loaded. Final losses: train {progress['train_losses'][-1]:.3f}, val "
-                    f"{progress['val_losses'][-1]:.3f}. Set COURSE_RETRAIN=1 (force=True) "
-                    "to train again."
-                )
-                return training_history(progress)
+        if checkpoint_path.exists() and resume is None:
+            print(f"Training from the start ({checkpoint_path.name} will be replaced).")
+    if resume is not None:
+        progress = resume["progress"]
+        if progress["finished"]:
             print(
-                f"Continuing from {checkpoint_path.name}: epoch {progress['epoch'] + 1}, "
-                f"{progress['global_step'] + 1} of {num_epochs * steps_per_epoch} steps done."
+                f"This run already finished ({checkpoint_path.name}): its trained weights "
+                f"are loaded. Final losses: train {progress['train_losses'][-1]:.3f}, val "
+                f"{progress['val_losses'][-1]:.3f}. Set COURSE_RETRAIN=1 (force=True) to "
+                "train again."
             )
+            return training_history(progress)
+        print(
+            f"Continuing from {checkpoint_path.name}: epoch {progress['epoch'] + 1}, "
+            f"{progress['global_step'] + 1} of {num_epochs * steps_per_epoch} steps done."
+        )
 
     start_time = time.perf_counter()
     seconds_before = progress["train_seconds"]
@@ -2348,7 +2358,9 @@ def read_chat_stream(request: urllib.request.Request, timeout: float) -> str:
             try:
                 chunk = json.loads(line)
             except json.JSONDecodeError:
-                raise JudgeError(f"The judge sent a line that is not JSON: {line[:200]!r}") from None
+                raise JudgeError(
+                    f"The judge sent a line that is not JSON: {line[:200]!r}"
+                ) from None
             if "error" in chunk:  # Ollama reports failures inside a 200 stream like this
                 raise JudgeError(
                     f"The Ollama server failed while answering: {chunk['error']}\n"
@@ -2456,7 +2468,8 @@ def load_scores(scores_path: str | Path, run: int = 0) -> list[int | None]:
     for saved_run in record["runs"]:
         if saved_run["run"] == run:
             return [entry["score"] for entry in saved_run["entries"]]
-    raise KeyError(f"{scores_path} has no run {run}; it has runs {[r['run'] for r in record['runs']]}")
+    runs = [saved_run["run"] for saved_run in record["runs"]]
+    raise KeyError(f"{scores_path} has no run {run}; it has runs {runs}")
 
 
 def score_summary(scores: list[int | None]) -> dict:
@@ -2494,6 +2507,13 @@ def generate_model_scores(
     """
     from tqdm import tqdm
 
+    missing = [i for i, entry in enumerate(json_data) if json_key not in entry]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} of {len(json_data)} entries (the first: entry {missing[0]}) have "
+            f"no {json_key!r} to score. Responses come from notebook 07_extracting_responses: "
+            'run it first, and pass the key its file uses ("model_response").'
+        )
     url = url or f"{ollama_host()}/api/chat"
     record, saved = None, {}
     if scores_path is not None:
@@ -2523,8 +2543,7 @@ def generate_model_scores(
         this_run = runs[0]
         saved = {e["index"]: e for e in this_run["entries"]}
 
-    entries, scores, asked = [], [], 0
-    reused = 0
+    entries, scores, asked, reused = [], [], 0, 0
     for index, entry in enumerate(tqdm(json_data, desc="Scoring entries")):
         prompt = judge_prompt(entry, json_key)
         old = saved.get(index)
@@ -2540,7 +2559,7 @@ def generate_model_scores(
         entries.append(result)
         if result["score"] is not None:
             scores.append(result["score"])
-        if record is not None and asked and (asked % save_every == 0):
+        if record is not None and result is not old and asked % save_every == 0:
             this_run["entries"] = entries + [e for i, e in saved.items() if i > index]
             write_json_atomic(scores_path, record)
     if record is not None:
@@ -2550,5 +2569,5 @@ def generate_model_scores(
         record["summary"] = {"runs": len(averages), "average": sum(averages) / len(averages)}
         write_json_atomic(scores_path, record)
         if reused:
-            print(f"{reused} of {len(json_data)} entries were already scored in {scores_path.name}.")
+            print(f"{reused} of {len(json_data)} entries were already scored in {scores_path.name}")
     return scores

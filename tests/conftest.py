@@ -1,43 +1,7 @@
-"""Shared test set-up.
-
-Before any notebook kernel starts, point the course at the offline model and at a
-fresh artifacts folder, so `pytest --nbval` runs the nine notebooks with no network
-and never touches a student's own artifacts/.
-
-The LLM judge: a stand-in Ollama server (tests/ollama_standin.py) starts for the
-whole session and OLLAMA_HOST points at it, replacing any OLLAMA_HOST of yours, so
-notebook 09 scores deterministically. COURSE_REAL_JUDGE=1 keeps your OLLAMA_HOST
-(and your real Ollama) for the notebooks instead; their judge scores then differ
-from the stored ones. The unit tests always use stand-ins of their own.
-"""
-
-import os
-import tempfile
+"""Fixtures for the unit tests (the session set-up is in the root conftest.py)."""
 
 import pytest
 from ollama_standin import OllamaStandIn
-
-_session_judge = None
-
-
-def pytest_configure(config):
-    global _session_judge
-    os.environ.setdefault("COURSE_MODEL", "offline")
-    run_dir = tempfile.mkdtemp(prefix="course-tests-")
-    os.environ.setdefault("COURSE_ARTIFACTS", os.path.join(run_dir, "artifacts"))
-    os.environ.setdefault("COURSE_MODELS_DIR", os.path.join(run_dir, "gpt2"))
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    real_judge = os.environ.get("COURSE_REAL_JUDGE", "").strip().lower()
-    if real_judge not in ("1", "true", "yes", "on") and _session_judge is None:
-        _session_judge = OllamaStandIn().start()
-        os.environ["OLLAMA_HOST"] = _session_judge.url
-
-
-def pytest_unconfigure(config):
-    global _session_judge
-    if _session_judge is not None:
-        _session_judge.stop()
-        _session_judge = None
 
 
 @pytest.fixture

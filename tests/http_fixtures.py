@@ -25,34 +25,41 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         owner = self.server.owner
         range_header = self.headers.get("Range")
-        status = self._answer(owner, range_header)
-        with owner.lock:
-            owner.requests.append({"path": self.path, "range": range_header, "status": status})
 
-    def _answer(self, owner: FileServer, range_header: str | None) -> int:
+        def log(status: int) -> None:
+            # logged before the answer goes out, so a client that has its bytes
+            # always finds its request in the log
+            with owner.lock:
+                owner.requests.append({"path": self.path, "range": range_header, "status": status})
+
         if owner.fail_status is not None:
+            log(owner.fail_status)
             self.send_error(owner.fail_status)
-            return owner.fail_status
+            return
         body = owner.files.get(self.path)
         if body is None:
+            log(404)
             self.send_error(404)
-            return 404
+            return
         status, start, end = 200, 0, len(body)
         if range_header and owner.honor_range:
             match = re.fullmatch(r"bytes=(\d+)-(\d*)", range_header)
             if match is None:
+                log(400)
                 self.send_error(400, "unsupported Range header")
-                return 400
+                return
             start = int(match[1])
             end = int(match[2]) + 1 if match[2] else len(body)
             if start >= len(body):
+                log(416)
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(body)}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-                return 416
+                return
             status = 206
         payload = body[start:end]
+        log(status)
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(payload)))
@@ -68,9 +75,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload[: len(payload) // 2])
             self.wfile.flush()
             self.close_connection = True
-            return status
+            return
         self.wfile.write(payload)
-        return status
 
 
 class _Server(ThreadingHTTPServer):
@@ -102,7 +108,10 @@ class FileServer:
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # a short poll interval: shutdown() waits up to one interval
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     def __enter__(self) -> FileServer:
         self._thread.start()

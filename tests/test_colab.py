@@ -329,6 +329,11 @@ def make_course(root: Path) -> None:
             parameters,
             nbformat.v4.new_code_cell("print('step')"),
         ]
+        if name.startswith("09_"):
+            nb.cells[3:3] = [
+                nbformat.v4.new_markdown_cell("## 1. Installing Ollama"),
+                nbformat.v4.new_markdown_cell("## 2. Is the judge ready?"),
+            ]
         nbformat.write(nb, root / name)
     readme = f"# Course\n\n{colab_cell.README_START}\nold\n{colab_cell.README_END}\n\nMore.\n"
     (root / "README.md").write_text(readme)
@@ -352,10 +357,15 @@ def test_the_script_inserts_the_cells_once_and_updates_them_in_place(tmp_path, m
         assert nb.cells[2].source == colab_cell.setup_cell_source()
         assert colab_cell.colab_link(name) in nb.cells[1].source
         assert "parameters" in nb.cells[4].metadata["tags"]
-        expected_cells = 8 if name.startswith("09_") else 6
-        assert len(nb.cells) == expected_cells
+        assert len(nb.cells) == (10 if name.startswith("09_") else 6)
+    # in 09: after the parameters cell and the prose about installing Ollama
     nb09 = nbformat.read(root / COURSE_NAMES[-1], as_version=4)
-    assert nb09.cells[6].source == colab_cell.ollama_cell_source()
+    assert [c.source for c in nb09.cells[5:9]] == [
+        "## 1. Installing Ollama",
+        colab_cell.OLLAMA_NOTE,
+        colab_cell.ollama_cell_source(),
+        "## 2. Is the judge ready?",
+    ]
     assert colab_cell.main(["--check"], root=root) == 0
 
     before = snapshot(root)
@@ -368,7 +378,7 @@ def test_the_script_inserts_the_cells_once_and_updates_them_in_place(tmp_path, m
     assert colab_cell.main([], root=root) == 0
     for name in COURSE_NAMES:
         nb = nbformat.read(root / name, as_version=4)
-        assert len(nb.cells) == (8 if name.startswith("09_") else 6)
+        assert len(nb.cells) == (10 if name.startswith("09_") else 6)
         assert (
             'COURSE_REPOSITORY = "https://github.com/my-school/llm-course.git"'
             in nb.cells[2].source

@@ -387,3 +387,10 @@ def test_error_while_scoring_keeps_what_was_scored(ollama_standin, tmp_path):
     with pytest.raises(helpers.JudgeError):
         helpers.generate_model_scores(ENTRIES, "model_response", scores_path=path)
     assert helpers.load_scores(path) == EXPECTED[:1]
+
+
+def test_entries_without_responses_are_refused_before_asking(ollama_standin):
+    entries = [dict(ENTRIES[0]), {k: v for k, v in ENTRIES[1].items() if k != "model_response"}]
+    with pytest.raises(KeyError, match="entry 1.*07_extracting_responses"):
+        helpers.generate_model_scores(entries, "model_response")
+    assert ollama_standin.chat_requests == []

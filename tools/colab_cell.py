@@ -7,7 +7,8 @@ Every notebook gets, right after its title, a short note with an "Open in Colab"
 and the Colab set-up cell: on Colab it fetches the course files, installs what Colab
 lacks and, if asked, keeps artifacts/ on Google Drive; anywhere else it does nothing
 and prints nothing. Notebook 09 also gets, right after its parameters cell, a cell that
-installs and starts Ollama on the Colab machine and pulls the judge model.
+installs and starts Ollama on the Colab machine and pulls the judge model
+(after the parameters cell and the prose that follows it).
 
 The course's GitHub location is set in ONE place, REPOSITORY below. Instructors set it
 to their copy of the course (for example "my-school/llm-finetuning-course") and run this
@@ -127,11 +128,11 @@ and installs what Colab lacks. Each notebook gets its own Colab machine, so set 
 the notebooks hand their results to each other on Colab, and how a run continues after a \
 disconnect. Anywhere else the cell does nothing."""
 
-# Notebook 09 only, right after its parameters cell (it uses JUDGE_MODEL).
+# Notebook 09 only, after its parameters cell (it uses JUDGE_MODEL), see ollama_index().
 OLLAMA_CELL = """\
 # Google Colab only: install Ollama on the Colab machine, start it and pull the judge model.
-# llama3 (8B, 4-bit) is a 4.7 GB download and needs about 6 GB of GPU memory (or of RAM
-# without a GPU) next to the fine-tuned GPT-2. Anywhere else this cell does nothing.
+# llama3 (8B, 4-bit) is a 4.7 GB download and needs about 6 to 8 GB of GPU memory (or of
+# RAM without a GPU) next to the fine-tuned GPT-2. Anywhere else this cell does nothing.
 import sys
 
 if "google.colab" in sys.modules:
@@ -179,12 +180,12 @@ if "google.colab" in sys.modules:
 """
 
 OLLAMA_NOTE = """\
-**On Google Colab**, the next cell installs Ollama on the Colab machine, starts it and \
-pulls the judge model `JUDGE_MODEL`. The book's judge, llama3 (8B parameters, 4-bit), is \
-a 4.7 GB download and needs about 6 GB of GPU memory, which fits next to GPT-2 medium on \
-a T4 (15 GB); without a GPU it runs on the CPU and needs about 6 GB of RAM, slowly. \
-Anywhere else the cell does nothing: install Ollama from https://ollama.com, then run \
-`ollama serve` and `ollama pull llama3` in a terminal."""
+**On Google Colab**, the next cell does this for you: it installs Ollama on the Colab \
+machine, starts it and pulls the judge model `JUDGE_MODEL`. The book's judge, llama3 \
+(8B parameters, 4-bit), is a 4.7 GB download and needs about 6 to 8 GB of GPU memory, \
+which fits next to GPT-2 medium on a T4 (15 GB); on a CPU runtime it needs as much RAM \
+and is slow. Anywhere else the cell does nothing: install and start Ollama yourself \
+(https://ollama.com, then `ollama serve` and `ollama pull llama3`)."""
 
 
 def folder_name(url: str) -> str:
@@ -261,6 +262,18 @@ def parameters_index(nb) -> int:
     raise ValueError('no code cell is tagged "parameters"')
 
 
+def ollama_index(nb) -> int:
+    """Where notebook 09's Ollama cells go: after the parameters cell and the prose that
+    follows it, but before the prose that introduces the next code cell."""
+    params = parameters_index(nb)
+    index = params + 1
+    while index < len(nb.cells) and nb.cells[index].cell_type != "code":
+        index += 1
+    if index - 1 > params and nb.cells[index - 1].cell_type == "markdown":
+        index -= 1
+    return index
+
+
 def apply_to_notebook(nb, name: str) -> bool:
     """Insert or update the Colab cells of one notebook (in memory). True if it changed."""
     changed = False
@@ -270,8 +283,9 @@ def apply_to_notebook(nb, name: str) -> bool:
     note = _find(nb, SETUP_TAG, "markdown")
     changed |= _put(nb, note + 1, "code", setup_cell_source(), SETUP_TAG, "colab-setup")
     if name.startswith(SCORING_NOTEBOOK_PREFIX):
-        after = parameters_index(nb) + 1
-        changed |= _put(nb, after, "markdown", OLLAMA_NOTE, OLLAMA_TAG, "colab-ollama-note")
+        changed |= _put(
+            nb, ollama_index(nb), "markdown", OLLAMA_NOTE, OLLAMA_TAG, "colab-ollama-note"
+        )
         note = _find(nb, OLLAMA_TAG, "markdown")
         changed |= _put(nb, note + 1, "code", ollama_cell_source(), OLLAMA_TAG, "colab-ollama")
     return changed

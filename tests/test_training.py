@@ -1,0 +1,395 @@
+"""Tests of section 8 of helpers.py: the resumable trainer, precision, weight files.
+
+The model is an even smaller GPTModel than the offline model (random weights), with
+dropout switched on, so that a resumed run only matches when every random number
+generator is restored; the data are the first 30 entries of the shipped dataset.
+"""
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import helpers
+
+HERE = Path(__file__).resolve().parent.parent
+EPOCHS, EVAL_FREQ, EVAL_ITER = 2, 2, 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return helpers.get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def entries():
+    data = json.loads((HERE / "instruction-data.json").read_text(encoding="utf-8"))
+    return data[:30]
+
+
+def config(**changes):
+    tiny = {"emb_dim": 16, "n_layers": 2, "n_heads": 2, "context_length": 256, "drop_rate": 0.1}
+    return {**helpers.model_config("offline"), **tiny, **changes}
+
+
+def setup_run(entries, tokenizer, seed=123, lr=1e-3, loader_generator=False):
+    """A fresh model, optimizer and loaders, as a new kernel would build them."""
+    torch.manual_seed(seed)
+    model = helpers.GPTModel(config())
+    collate = partial(helpers.custom_collate_fn, device="cpu", allowed_max_length=1024)
+    generator = torch.Generator().manual_seed(seed) if loader_generator else None
+    train_loader = DataLoader(
+        helpers.InstructionDataset(entries[:24], tokenizer),
+        batch_size=4,
+        collate_fn=collate,
+        shuffle=True,
+        drop_last=True,
+        generator=generator,
+    )
+    val_loader = DataLoader(
+        helpers.InstructionDataset(entries[24:], tokenizer), batch_size=4, collate_fn=collate
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    return model, train_loader, val_loader, optimizer
+
+
+def run(entries, tokenizer, seed=123, lr=1e-3, loader_generator=False, **kwargs):
+    model, train_loader, val_loader, optimizer = setup_run(
+        entries, tokenizer, seed, lr, loader_generator
+    )
+    history = helpers.train_model(
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        "cpu",
+        num_epochs=EPOCHS,
+        eval_freq=EVAL_FREQ,
+        eval_iter=EVAL_ITER,
+        start_context=helpers.format_input(entries[-1]),
+        tokenizer=tokenizer,
+        show_progress=False,
+        checkpoint_minutes=None,
+        **kwargs,
+    )
+    return history, model
+
+
+def assert_same_run(history, reference, model, reference_model):
+    assert history["finished"] and reference["finished"]
+    for key in ("train_losses", "val_losses"):
+        assert len(history[key]) == len(reference[key]) > 0
+        assert history[key] == pytest.approx(reference[key], abs=1e-6, rel=0)
+    assert history["tokens_seen"] == reference["tokens_seen"]
+    assert history["eval_steps"] == reference["eval_steps"]
+    assert history["samples"][-1] == reference["samples"][-1]
+    for (name, p), (_, q) in zip(model.state_dict().items(), reference_model.state_dict().items()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(entries, tokenizer):
+    return run(entries, tokenizer)
+
+
+def test_train_model_matches_the_books_loop(entries, tokenizer, uninterrupted):
+    history, _ = uninterrupted
+    model, train_loader, val_loader, optimizer = setup_run(entries, tokenizer)
+    train_losses, val_losses, tokens_seen = helpers.train_model_simple(
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        "cpu",
+        EPOCHS,
+        EVAL_FREQ,
+        EVAL_ITER,
+        helpers.format_input(entries[-1]),
+        tokenizer,
+    )
+    assert history["train_losses"] == train_losses
+    assert history["val_losses"] == val_losses
+    assert history["tokens_seen"] == tokens_seen
+    assert history["eval_steps"] == [0, 2, 4, 6, 8, 10]
+    assert history["global_step"] == EPOCHS * len(train_loader) - 1 == 11
+    # training did something: the loss went down
+    assert train_losses[-1] < train_losses[0] - 0.2
+
+
+@pytest.mark.parametrize(
+    "stop_after",
+    [4, 6, 9],  # inside epoch 1, at the end of epoch 1 (before its sample), inside epoch 2
+)
+def test_stopped_run_resumes_with_the_same_losses(
+    entries, tokenizer, uninterrupted, tmp_path, stop_after
+):
+    reference, reference_model = uninterrupted
+    checkpoint = tmp_path / "run-checkpoint.pth"
+    first, _ = run(entries, tokenizer, checkpoint_path=checkpoint, max_steps=stop_after)
+    assert not first["finished"] and first["global_step"] == stop_after - 1
+    assert checkpoint.exists()
+    # a new "kernel": other seeds everywhere, so only the checkpoint can restore them
+    torch.manual_seed(999)
+    history, model = run(entries, tokenizer, seed=7, checkpoint_path=checkpoint)
+    assert_same_run(history, reference, model, reference_model)
+
+
+def test_interrupted_run_continues_from_the_last_checkpoint(
+    entries, tokenizer, uninterrupted, tmp_path, capsys
+):
+    """A KeyboardInterrupt in the middle of an optimizer step, as when a kernel stops."""
+    reference, reference_model = uninterrupted
+    checkpoint = tmp_path / "run-checkpoint.pth"
+    model, train_loader, val_loader, optimizer = setup_run(entries, tokenizer)
+    real_step, calls = optimizer.step, []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    optimizer.step = interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        helpers.train_model(
+            model,
+            train_loader,
+            val_loader,
+            optimizer,
+            "cpu",
+            EPOCHS,
+            EVAL_FREQ,
+            EVAL_ITER,
+            helpers.format_input(entries[-1]),
+            tokenizer,
+            checkpoint_path=checkpoint,
+            checkpoint_every=4,
+            checkpoint_minutes=None,
+            show_progress=False,
+        )
+    assert "run the cell again to continue" in capsys.readouterr().out
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["progress"]["global_step"] == 7  # the checkpoint after 8 steps
+    assert saved["progress"]["epoch"] == 1 and saved["progress"]["batches_done"] == 2
+
+    history, model = run(entries, tokenizer, seed=5, checkpoint_path=checkpoint)
+    assert "Continuing from run-checkpoint.pth" in capsys.readouterr().out
+    assert_same_run(history, reference, model, reference_model)
+
+
+def test_resume_restores_a_loaders_own_generator(entries, tokenizer, tmp_path):
+    reference, reference_model = run(entries, tokenizer, loader_generator=True)
+    checkpoint = tmp_path / "run-checkpoint.pth"
+    run(entries, tokenizer, loader_generator=True, checkpoint_path=checkpoint, max_steps=6)
+    history, model = run(
+        entries, tokenizer, seed=3, loader_generator=True, checkpoint_path=checkpoint
+    )
+    assert_same_run(history, reference, model, reference_model)
+
+
+def test_bf16_run_resumes_with_the_same_losses(entries, tokenizer, uninterrupted, tmp_path):
+    reference, reference_model = run(entries, tokenizer, precision="bf16")
+    checkpoint = tmp_path / "run-checkpoint.pth"
+    run(entries, tokenizer, precision="bf16", checkpoint_path=checkpoint, max_steps=7)
+    history, model = run(entries, tokenizer, precision="bf16", checkpoint_path=checkpoint)
+    assert_same_run(history, reference, model, reference_model)
+    # bf16 computes the same function, less precisely
+    fp32, _ = uninterrupted
+    assert history["train_losses"] == pytest.approx(fp32["train_losses"], abs=0.1)
+
+
+def test_a_finished_run_is_not_repeated_unless_forced(entries, tokenizer, tmp_path, capsys):
+    checkpoint = tmp_path / "run-checkpoint.pth"
+    first, trained = run(entries, tokenizer, checkpoint_path=checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["progress"]["finished"] and saved["optimizer_state_dict"] is None
+
+    model, train_loader, val_loader, optimizer = setup_run(entries, tokenizer, seed=11)
+    steps = []
+    real_step = optimizer.step
+    optimizer.step = lambda *a, **k: (steps.append(1), real_step(*a, **k))[1]
+    args = (model, train_loader, val_loader, optimizer, "cpu", EPOCHS, EVAL_FREQ, EVAL_ITER)
+    again = helpers.train_model(
+        *args,
+        helpers.format_input(entries[-1]),
+        tokenizer,
+        checkpoint_path=checkpoint,
+        show_progress=False,
+    )
+    assert steps == []
+    assert "already finished" in capsys.readouterr().out
+    assert again["train_losses"] == first["train_losses"]
+    for (name, p), (_, q) in zip(model.state_dict().items(), trained.state_dict().items()):
+        assert torch.equal(p, q), name
+
+    helpers.train_model(
+        *args,
+        helpers.format_input(entries[-1]),
+        tokenizer,
+        checkpoint_path=checkpoint,
+        show_progress=False,
+        force=True,
+    )
+    assert len(steps) == EPOCHS * len(train_loader)
+
+
+def test_an_unfinished_run_with_other_settings_is_not_continued(entries, tokenizer, tmp_path):
+    checkpoint = tmp_path / "run-checkpoint.pth"
+    run(entries, tokenizer, checkpoint_path=checkpoint, max_steps=4, run_config={"style": "a"})
+    with pytest.raises(ValueError, match=r"run-checkpoint\.pth.*lr 0\.001 then, 0\.002 now"):
+        run(entries, tokenizer, lr=2e-3, checkpoint_path=checkpoint, run_config={"style": "a"})
+    with pytest.raises(ValueError, match=r"style 'a' then, 'b' now.*Delete it"):
+        run(entries, tokenizer, checkpoint_path=checkpoint, run_config={"style": "b"})
+
+
+def test_a_finished_run_with_other_settings_is_replaced(entries, tokenizer, tmp_path, capsys):
+    checkpoint = tmp_path / "run-checkpoint.pth"
+    run(entries, tokenizer, checkpoint_path=checkpoint, run_config={"style": "a"})
+    history, _ = run(entries, tokenizer, checkpoint_path=checkpoint, run_config={"style": "b"})
+    out = capsys.readouterr().out
+    assert "finished run with other settings (style 'a' then, 'b' now)" in out
+    assert "Training from the start" in out
+    assert history["finished"]
+    assert torch.load(checkpoint, weights_only=True)["settings"]["style"] == "b"
+
+
+def test_a_damaged_checkpoint_names_the_file_and_the_fix(entries, tokenizer, tmp_path):
+    checkpoint = tmp_path / "run-checkpoint.pth"
+    run(entries, tokenizer, checkpoint_path=checkpoint, max_steps=2)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])  # a cut-off copy
+    with pytest.raises(RuntimeError, match=r"run-checkpoint\.pth could not be read.*Delete it"):
+        run(entries, tokenizer, checkpoint_path=checkpoint)
+    torch.save({"something": "else"}, checkpoint)
+    with pytest.raises(ValueError, match="not a training checkpoint of this course"):
+        run(entries, tokenizer, checkpoint_path=checkpoint)
+
+
+def test_load_model_weights_reads_the_books_files(tmp_path):
+    torch.manual_seed(1)
+    saved = helpers.GPTModel(config(fast=False))
+    path = tmp_path / "book-sft.pth"
+    torch.save(saved.state_dict(), path)  # the book's way, mask buffers included
+    assert any(key.endswith(".att.mask") for key in torch.load(path, weights_only=True))
+    model = helpers.load_model_weights(helpers.GPTModel(config()), path)
+    for (name, p), (_, q) in zip(model.state_dict().items(), saved.state_dict().items()):
+        assert torch.equal(p, q), name
+    # without the constant mask buffers, and with torch.compile's prefix
+    state = {
+        f"_orig_mod.{k}": v for k, v in saved.state_dict().items() if not k.endswith(".mask")
+    }
+    torch.save(state, path)
+    model = helpers.load_model_weights(helpers.GPTModel(config()), path)
+    assert torch.equal(model.tok_emb.weight, saved.tok_emb.weight)
+
+
+def test_load_model_weights_names_the_tensors_that_do_not_fit(tmp_path):
+    path = tmp_path / "offlinetiny-sft.pth"
+    torch.save(helpers.GPTModel(config()).state_dict(), path)
+    wider = helpers.GPTModel(config(emb_dim=128))
+    with pytest.raises(ValueError) as error:
+        helpers.load_model_weights(wider, path)
+    message = str(error.value)
+    assert "offlinetiny-sft.pth do not fit this model (37 tensors)" in message
+    assert "tok_emb.weight: the file has (50257, 16), the model (50257, 128)" in message
+    assert "... and 27 more" in message
+    assert "COURSE_MODEL" in message
+    deeper = helpers.GPTModel(config(n_layers=3))
+    with pytest.raises(ValueError, match="trf_blocks.2.att.W_query.weight: missing in the file"):
+        helpers.load_model_weights(deeper, path)
+    shallower = helpers.GPTModel(config(n_layers=1))
+    with pytest.raises(ValueError, match="trf_blocks.1.att.W_query.weight: in the file, not in the model"):
+        helpers.load_model_weights(shallower, path)
+
+
+def test_load_model_weights_names_missing_and_damaged_files(tmp_path):
+    model = helpers.GPTModel(config())
+    with pytest.raises(FileNotFoundError, match="05_instruction_finetuning"):
+        helpers.load_model_weights(model, tmp_path / "gpt2-medium355M-sft.pth")
+    damaged = tmp_path / "gpt2-medium355M-sft.pth"
+    damaged.write_bytes(b"not a pytorch file")
+    with pytest.raises(RuntimeError, match=r"gpt2-medium355M-sft\.pth could not be read.*Delete"):
+        helpers.load_model_weights(model, damaged)
+    torch.save([1, 2, 3], damaged)
+    with pytest.raises(ValueError, match="holds no model weights"):
+        helpers.load_model_weights(model, damaged)
+
+
+def test_choose_precision_on_the_cpu(capsys):
+    assert helpers.choose_precision("cpu") == "fp32"
+    assert "fp32 (the default on the cpu" in capsys.readouterr().out
+    assert helpers.choose_precision("cpu", "bf16") == "bf16"
+    assert helpers.choose_precision(torch.device("cpu"), "fp32") == "fp32"
+    with pytest.raises(ValueError, match="fp16 training needs a CUDA GPU"):
+        helpers.choose_precision("cpu", "fp16")
+    with pytest.raises(ValueError, match="use one of auto, fp32, bf16, fp16"):
+        helpers.choose_precision("cpu", "float16")
+
+
+@pytest.mark.parametrize(
+    "gpu, capability, requested, expected, reason",
+    [
+        ("NVIDIA A100-SXM4-40GB", (8, 0), "auto", "bf16", "supports bfloat16"),
+        ("NVIDIA L4", (8, 9), "bf16", "bf16", "as asked"),
+        ("Tesla T4", (7, 5), "auto", "fp32", "Tesla T4 has no bfloat16 support"),
+        ("Tesla T4", (7, 5), "bf16", "fp32", "COURSE_PRECISION=fp16"),
+        ("Tesla T4", (7, 5), "fp16", "fp16", "gradient scaler"),
+        ("NVIDIA A100-SXM4-40GB", (8, 0), "fp32", "fp32", "as asked"),
+    ],
+)
+def test_choose_precision_on_gpus(
+    monkeypatch, capsys, gpu, capability, requested, expected, reason
+):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert helpers.choose_precision("cuda", requested) == expected
+    assert reason in capsys.readouterr().out
+
+
+def test_autocast_context_computes_in_bf16_only_when_asked():
+    x = torch.randn(4, 4)
+    with helpers.autocast_context("cpu", "bf16"):
+        assert (x @ x).dtype == torch.bfloat16
+    with helpers.autocast_context("cpu", "fp32"):
+        assert (x @ x).dtype == torch.float32
+    with pytest.raises(ValueError):
+        helpers.autocast_context("cpu", "auto")
+
+
+def test_count_parameters_matches_the_model():
+    for cfg in (config(), config(qkv_bias=False, emb_dim=96, n_heads=3, n_layers=3)):
+        model = helpers.GPTModel(cfg)
+        assert helpers.count_parameters(cfg) == sum(p.numel() for p in model.parameters())
+    # the book (chapter 4): GPT-2 small without query-key-value bias, output head untied
+    small = {**helpers.model_config("gpt2-small"), "qkv_bias": False}
+    assert helpers.count_parameters(small) == 163_009_536
+
+
+def test_memory_estimates_grow_with_the_model():
+    needs = [helpers.memory_needed(helpers.model_config(n)) for n in helpers.MODEL_CONFIGS]
+    sizes = [need["training"] for need in needs[:4]]
+    assert sizes == sorted(sizes)
+    for need in needs:
+        assert need["weights"] == 4 * need["parameters"]
+        assert need["training"] > 4 * need["weights"]
+
+
+@pytest.mark.parametrize(
+    "free_gb, suggestion",
+    [(64, None), (6, "gpt2-small (124M)"), (1, "offline (tiny)")],
+)
+def test_check_memory_suggests_a_model_that_fits(monkeypatch, capsys, free_gb, suggestion):
+    monkeypatch.setattr(
+        helpers,
+        "memory_available",
+        lambda device: {"where": "memory (RAM)", "total": 64 * 1024**3, "free": free_gb * 1024**3},
+    )
+    assert helpers.check_memory("gpt2-medium", "cpu") == suggestion
+    out = capsys.readouterr().out
+    assert "gpt2-medium (355M): about 1.5 GB to generate" in out
+    if suggestion is None:
+        assert "Fine-tuning fits." in out
+    else:
+        assert f'COURSE_MODEL="{suggestion.split(" ")[0]}"' in out
