@@ -286,10 +286,13 @@ def read_summary(artifacts: Path, model: str) -> dict[str, Any]:
     if isinstance(log, dict):
         summary["device"] = _find(log, ("device",))
         summary["precision"] = _find(log, ("precision", "dtype", "amp_dtype"))
-        summary["train_loss"] = _last_number(
+        final = log.get("final_losses") if isinstance(log.get("final_losses"), dict) else {}
+        summary["train_loss"] = _last_number(final.get("train")) or _last_number(
             _find(log, ("final_train_loss", "train_losses", "train_loss"))
         )
-        summary["val_loss"] = _last_number(_find(log, ("final_val_loss", "val_losses", "val_loss")))
+        summary["val_loss"] = _last_number(final.get("val")) or _last_number(
+            _find(log, ("final_val_loss", "val_losses", "val_loss"))
+        )
         minutes = _last_number(_find(log, ("training_minutes", "minutes", "duration_minutes")))
         if minutes is None:
             seconds = _last_number(

@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS")
     parser.add_argument("--skip", default="", help="'train' or 'generate' to skip one")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--output", default=None, help="also write the table here (Markdown)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -238,13 +238,13 @@ def main() -> None:
         f"{torch.backends.cpu.get_cpu_capability()}, bf16 instructions: "
         f"{'yes' if cpu_has_bf16() else 'no'}"
     )
-    print(f"Machine: {machine}")
-    print(
-        f"Settings: {args.train_steps} timed training steps of batch {BATCH_SIZE}; "
-        f"{args.gen_prompts} test prompts x up to {args.max_new_tokens} new tokens "
-        f"(greedy, eos <|endoftext|>), generate_batch batch size {args.batch_size}\n",
-        flush=True,
+    settings = (
+        f"Settings: {args.train_steps} timed training steps of batch {BATCH_SIZE} "
+        f"(after one warm-up step); {args.gen_prompts} test prompts x up to "
+        f"{args.max_new_tokens} new tokens (greedy, stopping at <|endoftext|>), "
+        f"generate_batch batch size {args.batch_size}."
     )
+    print(f"Machine: {machine}\n{settings}\n", flush=True)
 
     rows = []
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -271,10 +271,14 @@ def main() -> None:
                 rows.append(table_row(model_name, "generation", variant, r, base, same))
                 print(format_row(rows[-1]), flush=True)
 
-    print(f"\nMachine: {machine}\n")
-    print(markdown_table(rows))
-    if args.json:
-        helpers.write_json_atomic(args.json, {"machine": machine, "args": vars(args), "rows": rows})
+    command = "python benchmarks/benchmark.py " + " ".join(sys.argv[1:])
+    report = (
+        f"Machine: {machine}\n\n{settings}\n\nCommand: `{command.strip()}`\n\n"
+        f"{markdown_table(rows)}\n"
+    )
+    print("\n" + report)
+    if args.output:
+        helpers.write_atomic(args.output, ("# Benchmark results\n\n" + report).encode("utf-8"))
 
 
 def table_row(model, task, variant, r, base, same) -> dict:

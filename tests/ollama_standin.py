@@ -12,7 +12,15 @@ It serves what the course uses of Ollama's API, as Ollama sends it:
 Instead of a language model it scores deterministically: when the prompt is the
 book's judge prompt ("Given the input `...` and correct output `...`, score the
 model response `...`"), the reply is round(100 x F1) of the word overlap between
-the model response and the correct output. Other prompts get a fixed sentence.
+the model response and the correct output. Other prompts get a fixed sentence. Its
+model's digest is the SHA-256 of "course stand-in judge" (helpers.STANDIN_JUDGE_DIGEST),
+which is how the course tells it from a real judge.
+
+A real judge's scores vary a little between runs; `noise=n` (or `set_noise(n)`) makes
+the stand-in's do too, reproducibly: the score moves by `noise_offset(seed, prompt, n)`,
+an offset from -n to n taken from the SHA-256 of the request's `options.seed` and the
+prompt, and is kept within 0-100. The same request always gets the same answer; the
+same prompt with another seed (another scoring run) usually another one.
 
 Tests switch on faults with `set_fault`: "error-mid-stream" (an {"error": ...} line
 after part of the answer), "http-500" (a 500 answer), "disconnect" (the connection
@@ -78,12 +86,21 @@ def overlap_f1(response: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def judge_reply(prompt: str) -> str:
+def noise_offset(seed, prompt: str, noise: int) -> int:
+    """The stand-in's reproducible noise: an integer from -noise to noise."""
+    digest = hashlib.sha256(f"{seed}\n{prompt}".encode()).hexdigest()
+    return int(digest, 16) % (2 * noise + 1) - noise
+
+
+def judge_reply(prompt: str, seed=None, noise: int = 0) -> str:
     """What the stand-in answers to a prompt: the overlap score for the judge prompt."""
     match = _JUDGE_PROMPT.search(prompt)
     if match is None:
         return OTHER_PROMPT_REPLY
-    return str(round(100 * overlap_f1(match["response"], match["output"])))
+    score = round(100 * overlap_f1(match["response"], match["output"]))
+    if noise:
+        score = min(100, max(0, score + noise_offset(seed, prompt, noise)))
+    return str(score)
 
 
 def _now() -> str:
@@ -168,7 +185,11 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "http-500":
             self._send_json(500, {"error": "llama runner process has terminated: exit status 2"})
             return
-        reply = NO_NUMBER_REPLY if fault == "no-number" else judge_reply(prompt)
+        seed = (body.get("options") or {}).get("seed")
+        if fault == "no-number":
+            reply = NO_NUMBER_REPLY
+        else:
+            reply = judge_reply(prompt, seed, owner.noise)
         final = {
             "done_reason": "stop",
             "done": True,
@@ -230,9 +251,16 @@ class _Server(ThreadingHTTPServer):
 class OllamaStandIn:
     """The stand-in server; `url` is its base address, `requests` what it received."""
 
-    def __init__(self, port: int = 0, models: list[dict] | None = None, version: str = VERSION):
+    def __init__(
+        self,
+        port: int = 0,
+        models: list[dict] | None = None,
+        version: str = VERSION,
+        noise: int = 0,
+    ):
         self.models = [dict(m) for m in (MODELS if models is None else models)]
         self.version = version
+        self.noise = noise
         self.requests: list[dict] = []
         self._fault: str | None = None
         self._fault_times: int | None = None
@@ -248,7 +276,9 @@ class OllamaStandIn:
         return f"http://{host}:{port}"
 
     def start(self) -> OllamaStandIn:
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
         self._thread.start()
         return self
 
@@ -271,6 +301,12 @@ class OllamaStandIn:
             raise ValueError(f"unknown fault {fault!r}: use one of {FAULTS}")
         with self._lock:
             self._fault, self._fault_times, self._delay = fault, times, delay
+
+    def set_noise(self, noise: int) -> None:
+        """Move every score by a reproducible offset from -noise to noise (0: exact)."""
+        if noise < 0:
+            raise ValueError("noise must be 0 or more")
+        self.noise = noise
 
     def take_fault(self) -> tuple[str | None, float]:
         with self._lock:
@@ -301,8 +337,9 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Serve the Ollama stand-in.")
     parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--noise", type=int, default=0, help="vary scores by up to this much")
     args = parser.parse_args()
-    server = OllamaStandIn(port=args.port).start()
+    server = OllamaStandIn(port=args.port, noise=args.noise).start()
     print(f"Ollama stand-in at {server.url} (Ctrl+C stops it)")
     try:
         while True:

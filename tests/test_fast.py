@@ -356,3 +356,18 @@ def test_make_optimizer_is_adamw_with_the_same_steps():
     for name, p in model_a.named_parameters():
         assert torch.allclose(p, params_b[name], atol=1e-6), name
     assert (model_a.out_head.weight - start).abs().max() > 1e-3  # the steps did move it
+
+
+def test_training_sample_uses_the_fast_path_with_the_same_text(tiny_models, capsys):
+    fast, plain = tiny_models
+    tokenizer = helpers.get_tokenizer()
+    start_context = "Below is an instruction that describes a task."
+    text = helpers.generate_and_print_sample(fast, tokenizer, "cpu", start_context)
+    want = helpers.token_ids_to_text(
+        helpers.generate(plain, helpers.text_to_token_ids(start_context, tokenizer), 50, 1024),
+        tokenizer,
+    )
+    assert text == want and len(text) > len(start_context)
+    assert capsys.readouterr().out.strip() == want.replace("\n", " ").strip()
+    assert fast.training  # generate_and_print_sample switches back to training mode
+    fast.eval()

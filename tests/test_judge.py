@@ -287,10 +287,12 @@ def test_scores_file_keeps_prompt_reply_score_and_judge(ollama_standin, tmp_path
         "model": "llama3",
         "tag": "llama3:latest",
         "digest": MODELS[0]["digest"],
+        "details": MODELS[0]["details"],
         "options": {"seed": 123, "temperature": 0, "num_ctx": 2048},
     }
     (run,) = record["runs"]
     assert run["run"] == 0 and run["ollama_version"] == ollama_standin.version
+    assert run["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
     assert [e["index"] for e in run["entries"]] == [0, 1, 2]
     assert [e["score"] for e in run["entries"]] == EXPECTED
     assert [e["reply"] for e in run["entries"]] == ["100", "0", "67"]

@@ -109,16 +109,16 @@ def test_run_notebook_reports_a_dead_kernel(tmp_path):
 
 def test_the_summary_is_read_from_the_artifacts(tmp_path, ollama_standin):
     stem = helpers.model_file_stem("gpt2-small")
-    log = {
+    log = {  # the keys notebook 05 writes
         "model": "gpt2-small (124M)",
         "device": "cuda",
         "precision": "bf16",
-        "history": {
-            "train_losses": [3.8, 1.2, 0.41],
-            "val_losses": [3.7, 1.0, 0.73],
-            "tokens_seen": [0, 100, 200],
-            "train_seconds": 90.0,
-        },
+        "config": {"batch_size": 8, "num_epochs": 2},
+        "initial_losses": {"train": 3.8, "val": 3.7},
+        "train_losses": [3.8, 1.2, 0.4],
+        "val_losses": [3.7, 1.0, 0.7],
+        "final_losses": {"train": 0.41, "val": 0.73},
+        "duration_minutes": 1.5,
     }
     (tmp_path / f"{stem}-training-log.json").write_text(json.dumps(log))
     right = {"instruction": "Name a colour.", "input": "", "output": "Blue is a colour."}
