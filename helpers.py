@@ -1852,7 +1852,9 @@ def save_training_checkpoint(
     torch_save_atomic(checkpoint, path)
 
 
-def load_training_checkpoint(path: str | Path, model, optimizer, scaler, settings: dict) -> dict:
+def load_training_checkpoint(
+    path: str | Path, model, optimizer, scaler, settings: dict
+) -> dict | None:
     """Read a checkpoint of `train_model` into `model`, `optimizer` and `scaler`.
 
     Returns the checkpoint, or None when it holds a finished run with other settings

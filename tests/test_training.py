@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 import helpers
 
 HERE = Path(__file__).resolve().parent.parent
-EPOCHS, EVAL_FREQ, EVAL_ITER = 2, 2, 2
+EPOCHS, EVAL_FREQ, EVAL_ITER = 2, 2, 1
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,9 @@ def assert_same_run(history, reference, model, reference_model):
     assert history["tokens_seen"] == reference["tokens_seen"]
     assert history["eval_steps"] == reference["eval_steps"]
     assert history["samples"][-1] == reference["samples"][-1]
-    for (name, p), (_, q) in zip(model.state_dict().items(), reference_model.state_dict().items()):
+    for (name, p), (_, q) in zip(
+        model.state_dict().items(), reference_model.state_dict().items(), strict=True
+    ):
         assert torch.allclose(p, q, atol=1e-6, rtol=0), name
 
 
@@ -222,7 +224,9 @@ def test_a_finished_run_is_not_repeated_unless_forced(entries, tokenizer, tmp_pa
     assert steps == []
     assert "already finished" in capsys.readouterr().out
     assert again["train_losses"] == first["train_losses"]
-    for (name, p), (_, q) in zip(model.state_dict().items(), trained.state_dict().items()):
+    for (name, p), (_, q) in zip(
+        model.state_dict().items(), trained.state_dict().items(), strict=True
+    ):
         assert torch.equal(p, q), name
 
     helpers.train_model(
@@ -274,12 +278,12 @@ def test_load_model_weights_reads_the_books_files(tmp_path):
     torch.save(saved.state_dict(), path)  # the book's way, mask buffers included
     assert any(key.endswith(".att.mask") for key in torch.load(path, weights_only=True))
     model = helpers.load_model_weights(helpers.GPTModel(config()), path)
-    for (name, p), (_, q) in zip(model.state_dict().items(), saved.state_dict().items()):
+    for (name, p), (_, q) in zip(
+        model.state_dict().items(), saved.state_dict().items(), strict=True
+    ):
         assert torch.equal(p, q), name
     # without the constant mask buffers, and with torch.compile's prefix
-    state = {
-        f"_orig_mod.{k}": v for k, v in saved.state_dict().items() if not k.endswith(".mask")
-    }
+    state = {f"_orig_mod.{k}": v for k, v in saved.state_dict().items() if not k.endswith(".mask")}
     torch.save(state, path)
     model = helpers.load_model_weights(helpers.GPTModel(config()), path)
     assert torch.equal(model.tok_emb.weight, saved.tok_emb.weight)
@@ -300,7 +304,9 @@ def test_load_model_weights_names_the_tensors_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match="trf_blocks.2.att.W_query.weight: missing in the file"):
         helpers.load_model_weights(deeper, path)
     shallower = helpers.GPTModel(config(n_layers=1))
-    with pytest.raises(ValueError, match="trf_blocks.1.att.W_query.weight: in the file, not in the model"):
+    with pytest.raises(
+        ValueError, match="trf_blocks.1.att.W_query.weight: in the file, not in the model"
+    ):
         helpers.load_model_weights(shallower, path)
 
 
