@@ -373,20 +373,20 @@ def test_the_script_inserts_the_cells_once_and_updates_them_in_place(tmp_path, m
     assert snapshot(root) == before  # idempotent: nothing changes the second time
 
     # an instructor sets the repository: cells, links and README change, nothing is added
-    monkeypatch.setattr(colab_cell, "REPOSITORY", "my-school/llm-course")
+    monkeypatch.setattr(colab_cell, "REPOSITORY", "test-owner/renamed-course")
     assert colab_cell.main(["--check"], root=root) == 1
     assert colab_cell.main([], root=root) == 0
     for name in COURSE_NAMES:
         nb = nbformat.read(root / name, as_version=4)
         assert len(nb.cells) == (10 if name.startswith("09_") else 6)
         assert (
-            'COURSE_REPOSITORY = "https://github.com/my-school/llm-course.git"'
+            'COURSE_REPOSITORY = "https://github.com/test-owner/renamed-course.git"'
             in nb.cells[2].source
         )
-        assert "github/my-school/llm-course/blob/main/" + name in nb.cells[1].source
+        assert "github/test-owner/renamed-course/blob/main/" + name in nb.cells[1].source
     readme = (root / "README.md").read_text()
     assert "old" not in readme and readme.endswith("\n\nMore.\n")
-    link = "https://colab.research.google.com/github/my-school/llm-course/blob/main/"
+    link = "https://colab.research.google.com/github/test-owner/renamed-course/blob/main/"
     assert readme.count(link) == 9
 
 
@@ -433,7 +433,8 @@ def test_every_course_notebook_carries_the_current_colab_cells(machine, pip, mon
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
-        assert colab_cell.problems_in_notebook(nb, path.name) == []
+        problems = colab_cell.problems_in_notebook(nb, path.name)
+        assert problems == [], "run `python tools/colab_cell.py` to put the current cells in"
         setup = next(c for c in nb.cells if c.cell_type == "code")
         assert setup.outputs == []  # off Colab it prints nothing, so nbval compares nothing
         assert run_cell(setup.source) == ""

@@ -139,14 +139,19 @@ def training_batch(mask_instructions: bool):
 
 
 @pytest.mark.parametrize("mask_instructions", [False, True])
-def test_loss_and_gradients_match_plain(mask_instructions):
+@pytest.mark.parametrize("width", [64, 768])
+def test_loss_and_gradients_match_plain(mask_instructions, width):
+    """Width 64 (the offline model) keeps the batch as it is, width 768 (GPT-2 small's,
+    two blocks) packs it: both give the book's loss and gradients."""
     torch.manual_seed(1)
-    cfg = helpers.model_config("offline")
+    cfg = {**helpers.model_config("offline"), "emb_dim": width, "n_heads": width // 64}
     fast = helpers.GPTModel(cfg)
     plain = plain_twin(fast, cfg)
     inputs, targets = training_batch(mask_instructions)
     ignored = int((targets == -100).sum())
     assert ignored > 0  # the fast path has positions to skip
+    packs = helpers.pack_batch(inputs, targets, width) is not None
+    assert packs == (width == 768)
     loss_fast = helpers.calc_loss_batch(inputs, targets, fast, "cpu")
     loss_plain = helpers.calc_loss_batch(inputs, targets, plain, "cpu")
     # the plain path is the book's: mean over the counted targets
@@ -325,9 +330,25 @@ def test_bf16_autocast_on_cpu(offline_models, prompts):
     model.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cached = helpers.generate_fast(model, torch.tensor([prompts[0]]), 5, 1024)
-        batched = helpers.generate_batch(model, [prompts[0]], 5, 1024)
-    assert cached[0, len(prompts[0]) :].tolist() == batched[0]
-    assert len(batched[0]) == 5
+        batched = helpers.generate_batch(model, prompts[:3], 5, 1024)
+    assert cached.shape == (1, len(prompts[0]) + 5)
+    assert [len(tokens) for tokens in batched] == [5, 5, 5]
+    assert all(0 <= t < 50257 for tokens in batched for t in tokens)
+
+
+def test_bf16_autocast_with_a_packed_batch():
+    torch.manual_seed(2)
+    cfg = {**helpers.model_config("offline"), "emb_dim": 768, "n_heads": 12}
+    model = helpers.GPTModel(cfg)
+    inputs, targets = training_batch(mask_instructions=True)
+    assert helpers.pack_batch(inputs, targets, 768) is not None
+    loss32 = helpers.calc_loss_batch(inputs, targets, model, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = helpers.calc_loss_batch(inputs, targets, model, "cpu")
+    assert loss16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) < 0.02 * loss32.item()
+    loss16.backward()
+    assert model.trf_blocks[0].att.W_query.weight.grad.abs().sum() > 0
 
 
 def test_make_optimizer_is_adamw_with_the_same_steps():
@@ -371,3 +392,33 @@ def test_training_sample_uses_the_fast_path_with_the_same_text(tiny_models, caps
     assert capsys.readouterr().out.strip() == want.replace("\n", " ").strip()
     assert fast.training  # generate_and_print_sample switches back to training mode
     fast.eval()
+
+
+def test_pack_batch_keeps_each_row_up_to_its_last_counted_target():
+    pad, ignore = 50256, -100
+    inputs = torch.tensor([[5, 6, 7, pad, pad], [8, 9, pad, pad, pad], [1, 2, 3, 4, 5]])
+    targets = torch.tensor(
+        [[6, 7, pad, ignore, ignore], [ignore, pad, ignore, ignore, ignore], [2, 3, 4, 5, pad]]
+    )
+    ids, positions, attn_mask, packed_targets = helpers.pack_batch(inputs, targets, emb_dim=64)
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4, 5]]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]]
+    assert packed_targets.tolist() == [[6, 7, pad, ignore, pad, 2, 3, 4, 5, pad]]
+    assert attn_mask.shape == (1, 1, 10, 10)
+    # token 4 (row 2, position 1) sees tokens 3 and 4 of its own row, nothing else
+    assert attn_mask[0, 0, 4].nonzero().flatten().tolist() == [3, 4]
+    assert attn_mask[0, 0, 9].nonzero().flatten().tolist() == [5, 6, 7, 8, 9]
+    # nothing to drop, or nothing counted: the batch stays as it is
+    full = torch.tensor([[2, 3, 4, 5, pad]] * 2)
+    assert helpers.pack_batch(inputs[[2, 2]], full, emb_dim=64) is None
+    assert helpers.pack_batch(inputs, torch.full_like(targets, ignore), emb_dim=64) is None
+
+
+def test_pack_batch_keeps_long_rows_apart_when_attention_would_cost_more():
+    """Two long rows with little padding: one long sequence would cost more attention
+    than the dropped padding saves."""
+    inputs = torch.zeros((2, 1000), dtype=torch.long)
+    targets = torch.zeros((2, 1000), dtype=torch.long)
+    targets[:, 900:] = -100
+    assert helpers.pack_batch(inputs, targets, emb_dim=64) is None
+    assert helpers.pack_batch(inputs, targets, emb_dim=4096) is not None
