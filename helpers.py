@@ -545,9 +545,8 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         # kept so that a .pth saved by the book's code loads here and back
-        self.register_buffer(
-            "mask", torch.triu(torch.ones(context_length, context_length), diagonal=1)
-        )
+        # (triu_ in place: the book's torch.triu(torch.ones(...)) without a temporary copy)
+        self.register_buffer("mask", torch.ones(context_length, context_length).triu_(diagonal=1))
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
         """Attention over (batch, tokens, d_in).
@@ -802,6 +801,17 @@ def next_token(
     return torch.argmax(logits, dim=-1, keepdim=True)
 
 
+def last_token_logits(model: GPTModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (batch, vocab) of the last position only, from hidden states (batch,
+    tokens, emb_dim): `model.out_head(hidden[:, -1, :])`.
+
+    Computed as W @ h^T, the same products: for a few rows, CPU matrix libraries run
+    this orientation of the largest matrix product up to twice as fast.
+    """
+    last = hidden[:, -1, :]
+    return (model.out_head.weight @ last.T).T
+
+
 def _require_gpt_model(model: nn.Module, function: str) -> None:
     if not isinstance(model, GPTModel):
         raise TypeError(
@@ -844,7 +854,7 @@ def generate_fast(
             hidden = model(idx, cache=cache, return_hidden=True)
         else:  # only the newest token
             hidden = model(idx[:, -1:], cache=cache, return_hidden=True)
-        logits = model.out_head(hidden[:, -1, :])  # logits of the last position only
+        logits = last_token_logits(model, hidden)
         idx_next = next_token(logits, temperature, top_k)
         if eos_id is not None and bool((idx_next == eos_id).all()):
             break
@@ -926,7 +936,7 @@ def _generate_left_padded(model, prompts, max_new_tokens, eos_id):
     next_position = lengths.clone()
     new_tokens: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
-        idx_next = model.out_head(hidden[:, -1, :]).argmax(dim=-1)
+        idx_next = last_token_logits(model, hidden).argmax(dim=-1)
         finished = [False] * len(active)
         for row, token in enumerate(idx_next.tolist()):
             if eos_id is not None and token == eos_id:

@@ -285,6 +285,16 @@ def test_gpt2_small_generation_matches(small_models, prompts):
     assert helpers.generate_batch(fast, some, 4, 1024, eos_id=eos_id, batch_size=3) == want_eos
 
 
+def test_last_token_logits_is_the_output_layer_at_the_last_position(tiny_models):
+    fast, _ = tiny_models
+    hidden = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        want = fast.out_head(hidden[:, -1, :])
+        got = helpers.last_token_logits(fast, hidden)
+    assert got.shape == (3, 50257)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_generate_batch_edge_cases(offline_models, prompts):
     fast, _ = offline_models
     assert helpers.generate_batch(fast, prompts[:2], 0, 1024) == [[], []]
