@@ -524,6 +524,21 @@ class KVCache:
         self.values = [None if v is None else v[rows] for v in self.values]
 
 
+_CAUSAL_MASKS: dict[int, torch.Tensor] = {}
+
+
+def shared_causal_mask(context_length: int) -> torch.Tensor:
+    """The book's causal mask (ones above the diagonal), one tensor per context length.
+
+    The mask never changes, so the attention modules of fast models all hold this same
+    tensor instead of a copy each (it stays in every module's state_dict).
+    """
+    if context_length not in _CAUSAL_MASKS:
+        mask = torch.ones(context_length, context_length).triu_(diagonal=1)
+        _CAUSAL_MASKS[context_length] = mask
+    return _CAUSAL_MASKS[context_length]
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention, with the book's parameter names.
 
@@ -544,9 +559,13 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
-        # kept so that a .pth saved by the book's code loads here and back
-        # (triu_ in place: the book's torch.triu(torch.ones(...)) without a temporary copy)
-        self.register_buffer("mask", torch.ones(context_length, context_length).triu_(diagonal=1))
+        # kept so that a .pth saved by the book's code loads here and back; fast
+        # modules share one copy (gpt2-medium has 24 blocks: 96 MB saved)
+        if fast:
+            mask = shared_causal_mask(context_length)
+        else:
+            mask = torch.ones(context_length, context_length).triu_(diagonal=1)
+        self.register_buffer("mask", mask)
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
         """Attention over (batch, tokens, d_in).

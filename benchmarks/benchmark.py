@@ -291,7 +291,10 @@ def main() -> None:
                 rows.append(table_row(model_name, "generation", variant, r, base, same))
                 print(format_row(rows[-1]), flush=True)
 
-    command = "python benchmarks/benchmark.py " + " ".join(sys.argv[1:])
+    options = [a for a in sys.argv[1:] if not a.startswith("--output")]
+    if args.output and args.output in options:  # "--output PATH": leave the path out
+        options.remove(args.output)
+    command = "python benchmarks/benchmark.py " + " ".join(options)
     report = (
         f"Machine: {machine}\n\n{settings}\n\nCommand: `{command.strip()}`\n\n"
         f"{markdown_table(rows)}\n"

@@ -432,3 +432,21 @@ def test_pack_batch_keeps_long_rows_apart_when_attention_would_cost_more():
     targets[:, 900:] = -100
     assert helpers.pack_batch(inputs, targets, emb_dim=64) is None
     assert helpers.pack_batch(inputs, targets, emb_dim=4096) is not None
+
+
+def test_fast_blocks_share_one_causal_mask_and_save_like_the_book(tmp_path):
+    cfg = helpers.model_config("offline")
+    fast, plain = helpers.GPTModel(cfg), helpers.GPTModel({**cfg, "fast": False})
+    masks = [block.att.mask for block in fast.trf_blocks]
+    assert all(m.data_ptr() == masks[0].data_ptr() for m in masks)
+    assert plain.trf_blocks[0].att.mask.data_ptr() != plain.trf_blocks[1].att.mask.data_ptr()
+    book_mask = torch.triu(torch.ones(1024, 1024), diagonal=1)
+    assert torch.equal(masks[0], book_mask)
+    assert torch.equal(plain.trf_blocks[1].att.mask, book_mask)
+    # a .pth of the fast model loads into the plain one and back, masks included
+    torch.save(fast.state_dict(), tmp_path / "fast.pth")
+    plain.load_state_dict(torch.load(tmp_path / "fast.pth"), strict=True)
+    torch.save(plain.state_dict(), tmp_path / "plain.pth")
+    fast.load_state_dict(torch.load(tmp_path / "plain.pth"), strict=True)
+    assert torch.equal(fast.trf_blocks[1].att.mask, book_mask)
+    assert torch.equal(fast.tok_emb.weight, plain.tok_emb.weight)
