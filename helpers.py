@@ -27,7 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -739,6 +739,92 @@ class GPTModel(nn.Module):
         return x if return_hidden else self.out_head(x)
 
 
+# -- Memory a model needs (notebook 04) ----------------------------------------
+
+
+def count_parameters(cfg: dict) -> int:
+    """The number of parameters of `GPTModel(cfg)`, computed without building it.
+
+    As in the book, the output head is a matrix of its own (not shared with the token
+    embedding), so GPT-2 medium, "355M" in OpenAI's count, has 406,286,336 here.
+    """
+    d, vocab = cfg["emb_dim"], cfg["vocab_size"]
+    attention = 3 * d * d + (3 * d if cfg["qkv_bias"] else 0) + d * d + d
+    feed_forward = d * 4 * d + 4 * d + 4 * d * d + d
+    layer_norms = 2 * 2 * d
+    block = attention + feed_forward + layer_norms
+    embeddings = vocab * d + cfg["context_length"] * d
+    return embeddings + cfg["n_layers"] * block + 2 * d + d * vocab
+
+
+def memory_needed(cfg: dict, batch_size: int = 8, seq_len: int = 92) -> dict:
+    """Rough bytes for using and for fine-tuning `GPTModel(cfg)` in fp32.
+
+    Using it needs the weights (4 bytes per parameter). Fine-tuning with AdamW needs
+    four times that (weights, gradients and AdamW's two running averages) plus the
+    activations kept for the backward pass: a rule of thumb per layer, and the logits
+    (batch x tokens x 50,257) three times over. The book's longest training sequence
+    has 92 tokens.
+    """
+    params = count_parameters(cfg)
+    weights = 4 * params
+    tokens = batch_size * seq_len
+    per_layer = tokens * (34 * cfg["emb_dim"] + 5 * cfg["n_heads"] * seq_len) * 2
+    activations = cfg["n_layers"] * per_layer + 3 * 4 * tokens * cfg["vocab_size"]
+    return {"parameters": params, "weights": weights, "training": 4 * weights + activations}
+
+
+def memory_available(device: str | torch.device) -> dict:
+    """Total and free memory where the model will live: GPU memory on cuda, else RAM."""
+    import psutil
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {
+            "where": f"GPU memory ({torch.cuda.get_device_name(device)})",
+            "total": total,
+            "free": free,
+        }
+    ram = psutil.virtual_memory()
+    where = "memory (RAM, shared with the Apple GPU)" if device.type == "mps" else "memory (RAM)"
+    return {"where": where, "total": ram.total, "free": ram.available}
+
+
+def check_memory(model_name: str, device: str | torch.device, batch_size: int = 8) -> str | None:
+    """Print what `model_name` needs against what this machine has.
+
+    Returns None when fine-tuning fits, else the largest GPT-2 size that fits (or
+    the offline model), as a suggestion.
+    """
+    name = resolve_model_name(model_name)
+    need = memory_needed(model_config(name), batch_size)
+    have = memory_available(device)
+    gb = 1024**3
+    print(
+        f"This machine: {have['total'] / gb:.1f} GB {have['where']}, {have['free'] / gb:.1f} GB free."
+    )
+    print(
+        f"{name}: about {need['weights'] / gb:.1f} GB to generate, about "
+        f"{need['training'] / gb:.1f} GB to fine-tune (batch size {batch_size})."
+    )
+    if need["training"] <= have["free"]:
+        print("Fine-tuning fits.")
+        return None
+    fitting = [
+        other
+        for other in MODEL_CONFIGS
+        if memory_needed(model_config(other), batch_size)["training"] <= have["free"]
+    ]
+    smaller = [n for n in fitting if n != OFFLINE_MODEL]
+    suggestion = smaller[-1] if smaller else OFFLINE_MODEL
+    print(
+        f"Fine-tuning {name} probably does not fit: close other programs, use a smaller "
+        f'batch size, or choose a smaller model, for example COURSE_MODEL="{suggestion.split(" ")[0]}".'
+    )
+    return suggestion
+
+
 # ---------------------------------------------------------------------------
 # 6. Generating text (notebooks 04, 05, 07)
 # ---------------------------------------------------------------------------
@@ -765,6 +851,25 @@ def extract_response(generated_text: str, input_text: str, style: str = "alpaca"
     return generated_text[len(input_text) :].replace(RESPONSE_MARKERS[style], "").strip()
 
 
+def next_token(
+    logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None
+) -> torch.Tensor:
+    """The book's choice of the next token from last-position logits (batch, vocab).
+
+    Greedy (argmax) when temperature is 0; otherwise keep the `top_k` largest logits,
+    divide by the temperature and sample. Returns (batch, 1) token ids.
+    """
+    if top_k is not None:
+        top_logits, _ = torch.topk(logits, top_k)
+        min_val = top_logits[:, -1:]
+        minus_inf = torch.tensor(float("-inf"), device=logits.device)
+        logits = torch.where(logits < min_val, minus_inf, logits)
+    if temperature > 0.0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, num_samples=1)
+    return torch.argmax(logits, dim=-1, keepdim=True)
+
+
 def generate(
     model: nn.Module,
     idx: torch.Tensor,
@@ -783,41 +888,11 @@ def generate(
         idx_cond = idx[:, -context_size:]
         with torch.no_grad():
             logits = model(idx_cond)
-        logits = logits[:, -1, :]
-        if top_k is not None:
-            top_logits, _ = torch.topk(logits, top_k)
-            min_val = top_logits[:, -1:]  # (batch, 1): compares row by row
-            logits = torch.where(
-                logits < min_val, torch.tensor(float("-inf")).to(logits.device), logits
-            )
-        if temperature > 0.0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
-        else:
-            idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+        idx_next = next_token(logits[:, -1, :], temperature, top_k)
         if eos_id is not None and bool((idx_next == eos_id).all()):
             break
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
-
-
-def next_token(
-    logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None
-) -> torch.Tensor:
-    """The book's choice of the next token from last-position logits (batch, vocab).
-
-    Greedy (argmax) when temperature is 0; otherwise keep the `top_k` largest logits,
-    divide by the temperature and sample. Returns (batch, 1) token ids.
-    """
-    if top_k is not None:
-        top_logits, _ = torch.topk(logits, top_k)
-        min_val = top_logits[:, -1:]
-        minus_inf = torch.tensor(float("-inf"), device=logits.device)
-        logits = torch.where(logits < min_val, minus_inf, logits)
-    if temperature > 0.0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probs, num_samples=1)
-    return torch.argmax(logits, dim=-1, keepdim=True)
 
 
 def last_token_logits(model: GPTModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -1001,7 +1076,12 @@ GPT2_BACKUP_BASE_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2
 
 # the second source: the same weights as safetensors files on Hugging Face
 SAFETENSORS_BASE_URL = "https://huggingface.co/openai-community"
-SAFETENSORS_REPOS = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+SAFETENSORS_REPOS = {
+    "124M": "gpt2",
+    "355M": "gpt2-medium",
+    "774M": "gpt2-large",
+    "1558M": "gpt2-xl",
+}
 SAFETENSORS_FILES = ["config.json", "model.safetensors"]
 # Hugging Face's names inside block N ("h.N.<name>") -> keys of params["blocks"][N];
 # their Conv1D weights are stored [in, out], like OpenAI's
@@ -1019,7 +1099,12 @@ SAFETENSORS_BLOCK_NAMES = {
     "mlp.c_proj.weight": ("mlp", "c_proj", "w"),
     "mlp.c_proj.bias": ("mlp", "c_proj", "b"),
 }
-SAFETENSORS_TOP_NAMES = {"wte.weight": "wte", "wpe.weight": "wpe", "ln_f.weight": "g", "ln_f.bias": "b"}
+SAFETENSORS_TOP_NAMES = {
+    "wte.weight": "wte",
+    "wpe.weight": "wpe",
+    "ln_f.weight": "g",
+    "ln_f.bias": "b",
+}
 
 
 def describe_network_error(exc: BaseException, url: str | None = None) -> str:
@@ -1080,7 +1165,7 @@ def download_file(
     `destination` is always whole and is skipped. A mismatch deletes the download
     and raises ValueError.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     destination = Path(destination)
     if destination.exists():
@@ -1165,7 +1250,9 @@ def download_and_load_gpt2(
     if source not in ("auto", "tensorflow", "safetensors"):
         raise ValueError(f'source {source!r}: use "auto", "tensorflow" or "safetensors".')
     model_dir = Path(models_dir) / model_size
-    name = "the offline model (random weights)" if model_size == "offline" else f"GPT-2 {model_size}"
+    name = (
+        "the offline model (random weights)" if model_size == "offline" else f"GPT-2 {model_size}"
+    )
     why_not_tensorflow = None
     if source in ("auto", "tensorflow"):
         try:
@@ -1187,7 +1274,7 @@ def download_and_load_gpt2(
             if source == "tensorflow":
                 raise ConnectionError(
                     f"{exc}\nPut these files into {model_dir.resolve()} (for example copied "
-                    'from a machine that has them) and run the cell again, use source='
+                    "from a machine that has them) and run the cell again, use source="
                     '"safetensors", or choose the offline model.'
                 ) from exc
             why_not_tensorflow = f"OpenAI's host and its backup failed. {exc}"
@@ -1464,7 +1551,13 @@ def offline_gpt2_arrays(seed: int = 123) -> tuple[dict, dict]:
         arrays[f"{h}/mlp/c_proj/b"] = np.zeros(d, np.float32)
     arrays["model/ln_f/g"] = np.ones(d, np.float32)
     arrays["model/ln_f/b"] = np.zeros(d, np.float32)
-    hparams = {"n_vocab": vocab, "n_ctx": ctx, "n_embd": d, "n_head": cfg["n_heads"], "n_layer": n_layers}
+    hparams = {
+        "n_vocab": vocab,
+        "n_ctx": ctx,
+        "n_embd": d,
+        "n_head": cfg["n_heads"],
+        "n_layer": n_layers,
+    }
     return arrays, hparams
 
 
@@ -1597,12 +1690,12 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     try:
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):  # no fused AdamW for this device
-        return torch.optim.AdamW(
-            model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True
-        )
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def calc_loss_loader(data_loader, model: nn.Module, device, num_batches: int | None = None) -> float:
+def calc_loss_loader(
+    data_loader, model: nn.Module, device, num_batches: int | None = None
+) -> float:
     """Average loss over the first `num_batches` batches (all when None)."""
     if len(data_loader) == 0:
         return float("nan")
@@ -2005,7 +2098,7 @@ def train_model(
     three lists), `eval_steps`, `samples` (the text generated after each epoch),
     `global_step`, `train_seconds` and `finished`.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     device = torch.device(device)
     steps_per_epoch = len(train_loader)
@@ -2193,90 +2286,6 @@ def training_history(progress: dict) -> dict:
     }
 
 
-# -- Memory a model needs (notebook 04) ----------------------------------------
-
-
-def count_parameters(cfg: dict) -> int:
-    """The number of parameters of `GPTModel(cfg)`, computed without building it.
-
-    As in the book, the output head is a matrix of its own (not shared with the token
-    embedding), so GPT-2 medium, "355M" in OpenAI's count, has 406,286,336 here.
-    """
-    d, vocab = cfg["emb_dim"], cfg["vocab_size"]
-    attention = 3 * d * d + (3 * d if cfg["qkv_bias"] else 0) + d * d + d
-    feed_forward = d * 4 * d + 4 * d + 4 * d * d + d
-    layer_norms = 2 * 2 * d
-    block = attention + feed_forward + layer_norms
-    embeddings = vocab * d + cfg["context_length"] * d
-    return embeddings + cfg["n_layers"] * block + 2 * d + d * vocab
-
-
-def memory_needed(cfg: dict, batch_size: int = 8, seq_len: int = 92) -> dict:
-    """Rough bytes for using and for fine-tuning `GPTModel(cfg)` in fp32.
-
-    Using it needs the weights (4 bytes per parameter). Fine-tuning with AdamW needs
-    four times that (weights, gradients and AdamW's two running averages) plus the
-    activations kept for the backward pass: a rule of thumb per layer, and the logits
-    (batch x tokens x 50,257) three times over. The book's longest training sequence
-    has 92 tokens.
-    """
-    params = count_parameters(cfg)
-    weights = 4 * params
-    tokens = batch_size * seq_len
-    per_layer = tokens * (34 * cfg["emb_dim"] + 5 * cfg["n_heads"] * seq_len) * 2
-    activations = cfg["n_layers"] * per_layer + 3 * 4 * tokens * cfg["vocab_size"]
-    return {"parameters": params, "weights": weights, "training": 4 * weights + activations}
-
-
-def memory_available(device: str | torch.device) -> dict:
-    """Total and free memory where the model will live: GPU memory on cuda, else RAM."""
-    import psutil
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return {
-            "where": f"GPU memory ({torch.cuda.get_device_name(device)})",
-            "total": total,
-            "free": free,
-        }
-    ram = psutil.virtual_memory()
-    where = "memory (RAM, shared with the Apple GPU)" if device.type == "mps" else "memory (RAM)"
-    return {"where": where, "total": ram.total, "free": ram.available}
-
-
-def check_memory(model_name: str, device: str | torch.device, batch_size: int = 8) -> str | None:
-    """Print what `model_name` needs against what this machine has.
-
-    Returns None when fine-tuning fits, else the largest GPT-2 size that fits (or
-    the offline model), as a suggestion.
-    """
-    name = resolve_model_name(model_name)
-    need = memory_needed(model_config(name), batch_size)
-    have = memory_available(device)
-    gb = 1024**3
-    print(
-        f"This machine: {have['total'] / gb:.1f} GB {have['where']}, {have['free'] / gb:.1f} GB free."
-    )
-    print(
-        f"{name}: about {need['weights'] / gb:.1f} GB to generate, about "
-        f"{need['training'] / gb:.1f} GB to fine-tune (batch size {batch_size})."
-    )
-    if need["training"] <= have["free"]:
-        print("Fine-tuning fits.")
-        return None
-    fitting = [
-        other
-        for other in MODEL_CONFIGS
-        if memory_needed(model_config(other), batch_size)["training"] <= have["free"]
-    ]
-    smaller = [n for n in fitting if n != OFFLINE_MODEL]
-    suggestion = smaller[-1] if smaller else OFFLINE_MODEL
-    print(
-        f"Fine-tuning {name} probably does not fit: close other programs, use a smaller "
-        f'batch size, or choose a smaller model, for example COURSE_MODEL="{suggestion.split(" ")[0]}".'
-    )
-    return suggestion
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path: str | Path | None = None):
     """Loss against epochs, with tokens seen on a second x-axis (book figure 7.17)."""
     import matplotlib.pyplot as plt

@@ -21,7 +21,9 @@ MACHINE_PATH = re.compile(r"(/tmp/|/home/|/root/|/Users/|/work/|[A-Z]:\\\\)")
 
 def store(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     problems = []
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
