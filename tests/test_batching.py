@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
@@ -19,16 +18,6 @@ PAD = 50256
 TOY_BATCH = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
 BOOK_INPUTS = [[0, 1, 2, 3, 4], [5, 6, PAD, PAD, PAD], [7, 8, 9, PAD, PAD]]
 BOOK_TARGETS = [[1, 2, 3, 4, PAD], [6, PAD, -100, -100, -100], [8, 9, PAD, -100, -100]]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return helpers.get_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data() -> list[dict]:
-    return json.loads((ROOT / "instruction-data.json").read_text(encoding="utf-8"))
 
 
 def test_book_toy_batch():

@@ -13,16 +13,6 @@ import helpers
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return helpers.get_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data() -> list[dict]:
-    return json.loads((ROOT / "instruction-data.json").read_text(encoding="utf-8"))
-
-
 def test_endoftext_is_50256(tokenizer):
     assert tokenizer.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
     assert tokenizer.eot_token == 50256
