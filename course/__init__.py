@@ -1,0 +1,18 @@
+"""The machinery beside the chapter's code: what makes the course fast and unbreakable.
+
+`helpers.py` holds the book's code, the code a student reads. This package runs the
+same computations faster and survives interruptions and bad input. Each module has
+one concern:
+
+- `settings`   the COURSE_* variables, checked, and the model names
+- `artifacts`  every file the notebooks hand on: names, formats, atomic writes
+- `data`       the dataset files: download with checksum, validation, the split
+- `weights`    GPT-2 weights: robust downloads, the safetensors source, the offline model
+- `hardware`   device choice and memory estimates
+- `speed`      the fast paths: key/value cache, batched generation, packed loss, precision
+- `training`   resumable fine-tuning with checkpoints
+- `judge`      the Ollama judge client, scores files and their statistics
+- `colab`      the Google Colab set-up
+
+Imports run one way: this package imports `helpers`, never the reverse.
+"""

@@ -1,0 +1,319 @@
+"""Judge scores: per-run summaries, repeated runs, and paired comparisons of two models.
+
+A judge's average moves a little when the same responses are scored again, and two
+models' averages differ partly by chance. These functions read the scores files of
+`course.judge.generate_model_scores` and say how large a difference must be to mean
+something: the mean difference entry by entry, its standard error and a bootstrap
+interval, set against the spread between repeated runs of the same responses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from course.artifacts import WRITTEN_BY, ArtifactError, read_json
+
+
+def load_scores(scores_path: str | Path, run: int = 0) -> list[int | None]:
+    """Per-entry scores of one run in a scores file (None where the reply was unreadable)."""
+    record = read_json(scores_path, WRITTEN_BY["scores"])
+    for saved_run in record["runs"]:
+        if saved_run["run"] == run:
+            return [entry["score"] for entry in saved_run["entries"]]
+    runs = [saved_run["run"] for saved_run in record["runs"]]
+    raise KeyError(f"{scores_path} has no run {run}; it has runs {runs}")
+
+
+def score_summary(scores: list[int | None]) -> dict:
+    """Average, counts and a histogram (0-9, 10-19, ..., 90-100) of judge scores."""
+    readable = [s for s in scores if s is not None]
+    histogram = [0] * 10
+    for score in readable:
+        histogram[min(score // 10, 9)] += 1
+    return {
+        "entries": len(scores),
+        "scored": len(readable),
+        "unreadable": len(scores) - len(readable),
+        "average": sum(readable) / len(readable) if readable else float("nan"),
+        "histogram": histogram,
+    }
+
+
+def read_scores(scores: str | Path | dict) -> dict:
+    """A scores record as `generate_model_scores` writes it: read from its path, or as given."""
+    if isinstance(scores, dict):
+        record, source = scores, "This scores record"
+    else:
+        record, source = read_json(scores, WRITTEN_BY["scores"]), Path(scores).name
+    if not isinstance(record, dict) or not record.get("runs"):
+        raise ArtifactError(
+            f"{source} holds no scoring runs: it is not a scores file written by "
+            "course.judge.generate_model_scores (notebook 09_scoring_the_responses)."
+        )
+    return record
+
+
+def scored_entries(run: dict) -> list[dict]:
+    """The entries of one finished scoring run, in the order of the responses."""
+    entries = sorted(run["entries"], key=lambda e: e["index"])
+    if "summary" not in run or [e["index"] for e in entries] != list(range(len(entries))):
+        raise ValueError(
+            f"Run {run['run']} is unfinished: run generate_model_scores(..., run={run['run']}) "
+            "again to complete it."
+        )
+    return entries
+
+
+def score_table(scores: str | Path | dict) -> np.ndarray:
+    """The scores of every run as an array [runs, entries], NaN where none was readable.
+
+    All runs must have scored the same responses: a run left from before notebook 07 ran
+    again is refused, with a message saying how to score it anew.
+    """
+    record = read_scores(scores)
+    first = [e["prompt"] for e in scored_entries(record["runs"][0])]
+    rows = []
+    for run in record["runs"]:
+        entries = scored_entries(run)
+        if [e["prompt"] for e in entries] != first:
+            raise ValueError(
+                f"Run {run['run']} scored other responses than run {record['runs'][0]['run']} "
+                "(did notebook 07 run again since?). Score it again: "
+                f"generate_model_scores(..., run={run['run']})."
+            )
+        rows.append([np.nan if e["score"] is None else float(e["score"]) for e in entries])
+    return np.array(rows, dtype=float)
+
+
+def run_averages(table: np.ndarray) -> list[float]:
+    """The average readable score of each run (each row of a `score_table`)."""
+    averages = []
+    for row in table:
+        readable = row[~np.isnan(row)]
+        averages.append(float(readable.mean()) if len(readable) else float("nan"))
+    return averages
+
+
+def summarize_runs(scores: str | Path | dict, top: int = 5) -> dict:
+    """Mean ± standard deviation of the run averages, and the entries that vary most.
+
+    The standard deviation is the sample one (n - 1) of the per-run averages: how much
+    the average moves when the same responses are scored again. With one run it, and
+    the spread (largest minus smallest run average), are None.
+    """
+    record = read_scores(scores)
+    table = score_table(record)
+    averages = run_averages(table)
+    ranges = []
+    for column in table.T:
+        readable = column[~np.isnan(column)]
+        ranges.append(float(readable.max() - readable.min()) if len(readable) > 1 else 0.0)
+    order = sorted(range(len(ranges)), key=lambda i: (-ranges[i], i))
+    most_varying = [
+        {
+            "index": i,
+            "scores": [None if np.isnan(s) else int(s) for s in table[:, i]],
+            "range": ranges[i],
+        }
+        for i in order[:top]
+        if ranges[i] > 0
+    ]
+    several = len(averages) > 1
+    return {
+        "runs": len(averages),
+        "seeds": [run.get("options", {}).get("seed") for run in record["runs"]],
+        "run_averages": averages,
+        "mean": float(np.mean(averages)),
+        "std": float(np.std(averages, ddof=1)) if several else None,
+        "spread": max(averages) - min(averages) if several else None,
+        "entries": table.shape[1],
+        "entries_that_vary": sum(r > 0 for r in ranges),
+        "most_varying": most_varying,
+    }
+
+
+def format_run_summary(summary: dict, name: str = "scores") -> str:
+    """A few lines for a person: the average over runs and the entries that vary most."""
+    if summary["runs"] == 1:
+        return (
+            f"{name}: 1 run, average {summary['mean']:.2f}\n"
+            "  One run cannot show how much the judge's average moves: score again "
+            "(COURSE_JUDGE_RUNS=3) to see."
+        )
+    averages = ", ".join(f"{a:.2f}" for a in summary["run_averages"])
+    lines = [
+        f"{name}: {summary['runs']} runs (seeds {summary['seeds']}), average "
+        f"{summary['mean']:.2f} ± {summary['std']:.2f} (mean ± standard deviation of the run "
+        f"averages {averages})",
+        f"  entries whose score changed between runs: {summary['entries_that_vary']} "
+        f"of {summary['entries']}",
+    ]
+    for item in summary["most_varying"]:
+        scores = ", ".join("-" if s is None else str(s) for s in item["scores"])
+        lines.append(f"  entry {item['index']:3}: {scores} (range {item['range']:.0f})")
+    return "\n".join(lines)
+
+
+def judged_task(prompt: str) -> str:
+    """The part of a judge prompt that names the test entry (without the response)."""
+    return prompt.split(", score the model response `")[0]
+
+
+def compare_scores(
+    scores_a: str | Path | dict,
+    scores_b: str | Path | dict,
+    names: tuple[str, str] = ("A", "B"),
+    resamples: int = 10_000,
+    seed: int = 123,
+) -> dict:
+    """Compare two scored response sets entry by entry (paired): is the difference real?
+
+    Both files must score responses to the same test entries. Each entry's score is its
+    average over its file's runs, and the difference d = A - B is taken per entry, so how
+    hard an entry is cancels out. Reports the mean of d, its standard error
+    (sd(d) / sqrt(n)) and a 95% bootstrap interval (the entries resampled `resamples`
+    times with a fixed `seed`). The difference is within the judge's noise when that
+    interval includes 0, or when it is no larger than the spread of the run averages of
+    either file (the same responses scored again).
+    """
+    record_a, record_b = read_scores(scores_a), read_scores(scores_b)
+    table_a, table_b = score_table(record_a), score_table(record_b)
+    name_a, name_b = names
+    if table_a.shape[1] != table_b.shape[1]:
+        raise ValueError(
+            f"{name_a} has {table_a.shape[1]} scored entries and {name_b} {table_b.shape[1]}: "
+            "a paired comparison needs scores of responses to the same test entries."
+        )
+    tasks_a = [judged_task(e["prompt"]) for e in scored_entries(record_a["runs"][0])]
+    tasks_b = [judged_task(e["prompt"]) for e in scored_entries(record_b["runs"][0])]
+    for i, (task_a, task_b) in enumerate(zip(tasks_a, tasks_b, strict=True)):
+        if task_a != task_b:
+            raise ValueError(
+                f"Entry {i} is another test entry in {name_a} than in {name_b}: compare "
+                "responses to the same test set (the same split of notebook 01)."
+            )
+
+    def entry_means(table: np.ndarray) -> np.ndarray:
+        counts = (~np.isnan(table)).sum(axis=0)
+        return np.where(counts > 0, np.nansum(table, axis=0) / np.maximum(counts, 1), np.nan)
+
+    a, b = entry_means(table_a), entry_means(table_b)
+    keep = ~np.isnan(a) & ~np.isnan(b)
+    d = a[keep] - b[keep]
+    n = len(d)
+    if n < 2:
+        raise ValueError(f"Only {n} entries have a readable score in both files: too few.")
+    mean = float(d.mean())
+    std = float(d.std(ddof=1))
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    low, high = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+
+    spreads = []
+    for table in (table_a, table_b):
+        averages = run_averages(table)
+        spreads.append(max(averages) - min(averages) if len(averages) > 1 else None)
+    measured = [s for s in spreads if s is not None]
+    judge_noise = max(measured) if measured else None
+    includes_zero = low <= 0 <= high
+    below_noise = judge_noise is not None and abs(mean) <= judge_noise
+
+    interval = f"[{low:+.2f}, {high:+.2f}]"
+    if includes_zero:
+        verdict = (
+            f"Within the judge's noise: the 95% interval of the difference, {interval}, "
+            f"includes 0, so these scores do not show that {name_a} and {name_b} differ."
+        )
+    elif below_noise:
+        verdict = (
+            f"Within the judge's noise: the difference, {mean:+.2f} points, is no larger than "
+            f"the {judge_noise:.2f} points by which repeated runs of the same responses moved "
+            "the average."
+        )
+    else:
+        higher, lower = (name_a, name_b) if mean > 0 else (name_b, name_a)
+        verdict = (
+            f"{higher} scores {abs(mean):.2f} points higher than {lower}: the 95% interval of "
+            f"the difference, {interval}, excludes 0"
+            + (
+                f" and the difference exceeds the {judge_noise:.2f}-point spread between "
+                "repeated runs."
+                if judge_noise is not None
+                else "."
+            )
+        )
+    notes = []
+    if judge_noise is None:
+        notes.append(
+            "Each file holds one run, so how much the judge's average moves when the same "
+            "responses are scored again is not measured: score more runs "
+            "(COURSE_JUDGE_RUNS=3) to measure it."
+        )
+    judge_a, judge_b = record_a["judge"], record_b["judge"]
+    for key, what in (("digest", "judge models"), ("options", "judge options")):
+        if judge_a.get(key) != judge_b.get(key):
+            notes.append(
+                f"The two files were scored with different {what} ({judge_a.get(key)} and "
+                f"{judge_b.get(key)}): the difference mixes the responses with the judges."
+            )
+    versions = {r.get("ollama_version") for r in record_a["runs"] + record_b["runs"]}
+    if len(versions) > 1:
+        notes.append(f"The runs used different Ollama versions: {sorted(map(str, versions))}.")
+
+    return {
+        "names": [name_a, name_b],
+        "entries": len(a),
+        "paired": n,
+        "left_out": int(len(a) - n),
+        "runs": [table_a.shape[0], table_b.shape[0]],
+        "average_a": float(a[keep].mean()),
+        "average_b": float(b[keep].mean()),
+        "mean_difference": mean,
+        "std_difference": std,
+        "standard_error": std / np.sqrt(n),
+        "ci95": [low, high],
+        "bootstrap": {"resamples": resamples, "seed": seed},
+        "run_spread": spreads,
+        "judge_noise": judge_noise,
+        "within_noise": bool(includes_zero or below_noise),
+        "a_higher": int((d > 0).sum()),
+        "b_higher": int((d < 0).sum()),
+        "ties": int((d == 0).sum()),
+        "differences": [
+            {"index": int(i), "a": float(a[i]), "b": float(b[i]), "difference": float(a[i] - b[i])}
+            for i in np.flatnonzero(keep)
+        ],
+        "verdict": verdict,
+        "notes": notes,
+    }
+
+
+def format_comparison(comparison: dict) -> str:
+    """The report of `compare_scores` for a person, ending with its verdict."""
+    c = comparison
+    name_a, name_b = c["names"]
+    runs_a, runs_b = (f"{k} run" if k == 1 else f"{k} runs" for k in c["runs"])
+    spreads = [
+        f"{name}: not measured (1 run)" if spread is None else f"{name}: {spread:.2f} points"
+        for name, spread in zip(c["names"], c["run_spread"], strict=True)
+    ]
+    lines = [
+        f"Paired comparison of {name_a} (A) and {name_b} (B), entry by entry",
+        f"  entries scored in both   {c['paired']} of {c['entries']}"
+        + (f" ({c['left_out']} without a readable score left out)" if c["left_out"] else ""),
+        f"  average score            A {c['average_a']:.2f} ({runs_a}), "
+        f"B {c['average_b']:.2f} ({runs_b})",
+        f"  difference A - B         {c['mean_difference']:+.2f} points, "
+        f"standard error {c['standard_error']:.2f}",
+        f"  95% interval             [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] (bootstrap: "
+        f"{c['bootstrap']['resamples']:,} resamples of the entries, seed {c['bootstrap']['seed']})",
+        f"  entries                  A higher {c['a_higher']}, B higher {c['b_higher']}, "
+        f"tied {c['ties']}",
+        f"  run-to-run spread        {'; '.join(spreads)}",
+        "",
+        c["verdict"],
+    ]
+    lines += [f"Note: {note}" for note in c["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""The COURSE_* settings, each checked where it is read, and the model names.
+
+Every notebook's parameters cell reads its values through `setting`, so a run
+changes without editing a notebook (`COURSE_EPOCHS=1 jupyter lab`). A value of the
+wrong type or outside its range stops with a message that names the variable and
+what it accepts. `check_all` checks every variable at once (run_course.py does that
+before it runs anything).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import helpers
+
+# the course's own folder: shipped files are found relative to it, not the current folder
+ROOT = Path(__file__).resolve().parent.parent
+
+OFFLINE_MODEL = "offline (tiny)"
+# random weights, written on this machine: for CI and dry runs, its answers are noise
+OFFLINE_CONFIG = {"emb_dim": 64, "n_layers": 2, "n_heads": 2}
+MODEL_NAMES = [*helpers.model_configs, OFFLINE_MODEL]
+
+# name -> (default, what it accepts): a tuple of choices, or (minimum, maximum) numbers
+# given as a dict {"min": ..., "max": ...}; None means any value of the default's type
+SPEC: dict[str, tuple[Any, Any]] = {
+    "COURSE_MODEL": ("gpt2-medium (355M)", "model"),
+    "COURSE_PROMPT_STYLE": ("alpaca", ("alpaca", "phi3")),
+    "COURSE_MASK_INSTRUCTIONS": (False, None),
+    "COURSE_BATCH_SIZE": (8, {"min": 1, "max": 4096}),
+    "COURSE_LR": (5e-5, {"min": 0.0, "max": 1.0, "above_min": True}),
+    "COURSE_WEIGHT_DECAY": (0.1, {"min": 0.0, "max": 10.0}),
+    "COURSE_EPOCHS": (2, {"min": 1, "max": 1000}),
+    "COURSE_SEED": (123, {"min": 0, "max": 2**32 - 1}),
+    "COURSE_RETRAIN": (False, None),
+    "COURSE_DEVICE": ("auto", ("auto", "cuda", "mps", "cpu")),
+    "COURSE_PRECISION": ("auto", ("auto", "fp32", "bf16", "fp16")),
+    "COURSE_MAX_NEW_TOKENS": (256, {"min": 1, "max": 1024}),
+    "COURSE_GENERATION_BATCH_SIZE": (8, {"min": 1, "max": 1024}),
+    "COURSE_JUDGE_MODEL": ("llama3", "nonempty"),
+    "COURSE_JUDGE_RUNS": (3, {"min": 1, "max": 100}),
+    # exercise 7.3: "book", "alpaca", or a path or URL of a JSON file in the same format
+    "COURSE_DATASET": ("book", "nonempty"),
+    "COURSE_DATA_LIMIT": (0, {"min": 0, "max": 10_000_000}),  # 0: every entry
+    # exercise 7.4: "full" fine-tuning (the book's) or "lora"
+    "COURSE_FINETUNE": ("full", ("full", "lora")),
+    "COURSE_LORA_RANK": (16, {"min": 1, "max": 4096}),
+    "COURSE_LORA_ALPHA": (16, {"min": 1, "max": 4096}),
+    # which model notebooks 07-09 extract and score: "sft" (notebook 05) or "dpo" (10)
+    "COURSE_STAGE": ("sft", ("sft", "dpo")),
+}
+
+
+class SettingError(ValueError):
+    """A COURSE_* variable holds a value the course cannot use."""
+
+
+def _convert(name: str, raw: str, default: Any) -> Any:
+    text = raw.strip()
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingError(f"{name}={raw!r} is not a yes/no value: use 1 or 0.")
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise SettingError(
+            f"{name}={raw!r} is not a valid {type(default).__name__} (default: "
+            f"{default!r}). Fix or unset it."
+        ) from None
+    return raw
+
+
+def check_value(name: str, value: Any, accepts: Any) -> Any:
+    """`value` if `accepts` (see SPEC) allows it, else a SettingError naming the range."""
+    if accepts is None:
+        return value
+    if accepts == "model":
+        try:
+            return resolve_model_name(value)
+        except ValueError as exc:
+            raise SettingError(f"{name}: {exc}") from None
+    if accepts == "nonempty":
+        if not str(value).strip():
+            raise SettingError(f"{name} is empty: name an Ollama model, e.g. llama3.")
+        return value
+    if isinstance(accepts, tuple):
+        if value not in accepts:
+            raise SettingError(
+                f"{name}={value!r} is not allowed: use one of {', '.join(map(repr, accepts))}."
+            )
+        return value
+    low, high = accepts["min"], accepts["max"]
+    bad = isinstance(value, float) and not math.isfinite(value)
+    bad = bad or value < low or value > high or (accepts.get("above_min") and value <= low)
+    if bad:
+        lower = f"above {low}" if accepts.get("above_min") else f"at least {low}"
+        raise SettingError(
+            f"{name}={value!r} is out of range: it must be {lower} and at most {high}."
+        )
+    return value
+
+
+def setting(name: str, default: Any = None) -> Any:
+    """The value of environment variable `name`, converted and checked; else the default.
+
+    For the variables in SPEC the default and the allowed values come from there;
+    others take the type of `default`.
+    """
+    accepts = None
+    if name in SPEC:
+        spec_default, accepts = SPEC[name]
+        default = spec_default if default is None else default
+    raw = os.environ.get(name)
+    value = default if raw is None or raw.strip() == "" else _convert(name, raw, default)
+    return check_value(name, value, accepts)
+
+
+def check_all(environ: dict[str, str] | None = None) -> list[str]:
+    """Every problem with the COURSE_* variables in `environ` (os.environ), one line each."""
+    environ = os.environ if environ is None else environ
+    problems = []
+    for name, (default, accepts) in SPEC.items():
+        raw = environ.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            check_value(name, _convert(name, raw, default), accepts)
+        except SettingError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def is_set(name: str) -> bool:
+    """True when the environment sets `name` to something (not empty)."""
+    return bool(os.environ.get(name, "").strip())
+
+
+def dataset_tag(dataset: str | None = None, limit: int | None = None) -> str:
+    """A short name for the data a run uses, for artifact names: "book" for the book's.
+
+    "alpaca" stays "alpaca"; a path or URL becomes its file name without extension
+    plus 8 characters of a hash of the full path or URL (two files named alike do not
+    collide); a COURSE_DATA_LIMIT adds "-n<limit>".
+    """
+    import hashlib
+
+    dataset = setting("COURSE_DATASET") if dataset is None else dataset
+    limit = setting("COURSE_DATA_LIMIT") if limit is None else limit
+    if dataset in ("book", "alpaca"):
+        tag = dataset
+    else:
+        name = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(dataset.split("?")[0]).stem).strip("-")
+        tag = f"{name or 'data'}-{hashlib.sha256(dataset.encode()).hexdigest()[:8]}"
+    return tag if not limit else f"{tag}-n{limit}"
+
+
+# -- model names ------------------------------------------------------------------
+
+
+def resolve_model_name(name: str) -> str:
+    """Accept "gpt2-medium", "gpt2-medium (355M)", "355M" or "offline"."""
+    for full_name in MODEL_NAMES:
+        short = full_name.split(" ")[0]
+        size = full_name.split("(")[1].rstrip(")")
+        if str(name).strip() in (full_name, short, size):
+            return full_name
+    raise ValueError(
+        f"Unknown model {name!r}. Choose one of: "
+        + ", ".join(f'"{n.split(" ")[0]}"' for n in MODEL_NAMES)
+    )
+
+
+def model_config(name: str) -> dict:
+    """The full GPTModel configuration (BASE_CONFIG and the size's dict) for a model name."""
+    name = resolve_model_name(name)
+    size = OFFLINE_CONFIG if name == OFFLINE_MODEL else helpers.model_configs[name]
+    return {**helpers.BASE_CONFIG, **size}
+
+
+def model_size(name: str) -> str:
+    """The download's size name: "gpt2-medium (355M)" -> "355M", the offline model -> "offline"."""
+    return resolve_model_name(name).split("(")[1].rstrip(")").replace("tiny", "offline")
+
+
+def model_file_stem(name: str) -> str:
+    """The book's file naming: "gpt2-medium (355M)" -> "gpt2-medium355M"."""
+    return re.sub(r"[ ()]", "", resolve_model_name(name))
+
+
+def models_dir() -> Path:
+    """Where GPT-2 checkpoints are cached (COURSE_MODELS_DIR; the book's "gpt2" folder).
+
+    A relative path counts from the course's folder, not from where Jupyter started.
+    """
+    path = Path(os.environ.get("COURSE_MODELS_DIR") or "gpt2")
+    return path if path.is_absolute() else ROOT / path

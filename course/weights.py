@@ -1,0 +1,612 @@
+"""GPT-2 weights: robust downloads, the safetensors source, the offline model, .pth files.
+
+`helpers.download_and_load_gpt2` is the book's loader. `load_gpt2` does the same
+job for the course: downloads resume where they stopped and fall back to a backup
+host and then to Hugging Face's safetensors files; network failures are explained
+with the usual fix; and `model_size="offline"` writes a tiny GPT-2 with random
+weights in OpenAI's exact seven-file layout, so the book's loading code runs with no
+network. Reading `.pth` files names the file and the fix when one is damaged.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import helpers
+from course.artifacts import (
+    require_artifact,
+    sha256_of_file,
+    write_atomic,
+    write_json,
+)
+from course.settings import OFFLINE_MODEL, model_config
+
+GPT2_FILES = helpers.GPT2_FILES
+GPT2_BASE_URL = helpers.GPT2_BASE_URL
+GPT2_BACKUP_BASE_URL = helpers.GPT2_BACKUP_BASE_URL
+TOKENIZER_DIR = helpers.TOKENIZER_DIR
+
+SAFETENSORS_BASE_URL = "https://huggingface.co/openai-community"
+
+
+SAFETENSORS_REPOS = {
+    "124M": "gpt2",
+    "355M": "gpt2-medium",
+    "774M": "gpt2-large",
+    "1558M": "gpt2-xl",
+}
+
+
+SAFETENSORS_FILES = ["config.json", "model.safetensors"]
+
+
+SAFETENSORS_BLOCK_NAMES = {
+    "ln_1.weight": ("ln_1", "g"),
+    "ln_1.bias": ("ln_1", "b"),
+    "attn.c_attn.weight": ("attn", "c_attn", "w"),
+    "attn.c_attn.bias": ("attn", "c_attn", "b"),
+    "attn.c_proj.weight": ("attn", "c_proj", "w"),
+    "attn.c_proj.bias": ("attn", "c_proj", "b"),
+    "ln_2.weight": ("ln_2", "g"),
+    "ln_2.bias": ("ln_2", "b"),
+    "mlp.c_fc.weight": ("mlp", "c_fc", "w"),
+    "mlp.c_fc.bias": ("mlp", "c_fc", "b"),
+    "mlp.c_proj.weight": ("mlp", "c_proj", "w"),
+    "mlp.c_proj.bias": ("mlp", "c_proj", "b"),
+}
+
+
+SAFETENSORS_TOP_NAMES = {
+    "wte.weight": "wte",
+    "wpe.weight": "wpe",
+    "ln_f.weight": "g",
+    "ln_f.bias": "b",
+}
+
+
+def describe_network_error(exc: BaseException, url: str | None = None) -> str:
+    """A short explanation of a failed download, with the usual fix.
+
+    `url`, when given, lets it name the proxy setting the download went through.
+    """
+    import ssl
+
+    reason = getattr(exc, "reason", exc)
+    text = str(reason).rstrip(".")
+    if isinstance(reason, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        return (
+            f"{text}. The server's TLS certificate could not be verified, so nothing was "
+            "downloaded. On macOS, run 'Install Certificates.command' from your Python's "
+            "folder in Applications. Behind a company proxy or antivirus that inspects "
+            "HTTPS, set the environment variable SSL_CERT_FILE to its certificate bundle "
+            "(a .pem file from your IT department) and restart Jupyter."
+        )
+    if isinstance(reason, ssl.SSLError):
+        return (
+            f"{text}. The secure (TLS) connection failed: a proxy, firewall or antivirus "
+            "may be in the way. Try another network, or set HTTPS_PROXY to your proxy."
+        )
+    if isinstance(exc, urllib.error.HTTPError):
+        if exc.code == 407:
+            return (
+                "HTTP 407 Proxy Authentication Required: the proxy wants a user name and "
+                "password. Put them into the proxy address: "
+                "HTTPS_PROXY=http://user:password@proxy:8080."
+            )
+        return f"HTTP {exc.code} {exc.reason}"
+    parts = urllib.parse.urlsplit(url or "https://")
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not (parts.hostname and urllib.request.proxy_bypass(parts.hostname)):
+        proxy = re.sub(r"//[^/@]*@", "//", proxy)  # never print a proxy password
+        return (
+            f"{text}. The download goes through the proxy {proxy} (environment variable "
+            f"{parts.scheme.upper()}_PROXY): check that address and that the proxy runs, "
+            "or unset the variable if you are not behind a proxy."
+        )
+    return (
+        f"{text}. Check the internet connection; behind a proxy set HTTPS_PROXY "
+        "(for example HTTPS_PROXY=http://proxy:8080) before starting Jupyter."
+    )
+
+
+def download_file(
+    url: str,
+    destination: str | Path,
+    show_progress: bool = True,
+    expected_sha256: str | None = None,
+) -> Path:
+    """Download `url` to `destination`, resuming a partial download.
+
+    Bytes arrive in `destination.part`; the file gets its final name only when
+    complete (and, with `expected_sha256`, when its checksum matches), so an existing
+    `destination` is always whole and is skipped. A mismatch deletes the download
+    and raises ValueError.
+    """
+    from tqdm import tqdm
+
+    destination = Path(destination)
+    if destination.exists():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    part = destination.with_name(destination.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416 or not have:
+            raise
+        # 416 "range not satisfiable": the part file already holds all the bytes,
+        # unless the server's size ("bytes */SIZE") says it belongs to another file
+        size = re.fullmatch(r"bytes \*/(\d+)", (exc.headers or {}).get("Content-Range", ""))
+        if size is not None and int(size[1]) != have:
+            part.unlink()
+            return download_file(url, destination, show_progress, expected_sha256)
+        response = None
+    if response is not None:
+        with response:
+            if have and response.status != 206:
+                have = 0  # the server ignored the range: start again
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length is not None else None
+            with (
+                open(part, "ab" if have else "wb") as f,
+                tqdm(
+                    total=total,
+                    initial=have,
+                    unit="iB",
+                    unit_scale=True,
+                    desc=destination.name,
+                    disable=not show_progress,
+                ) as bar,
+            ):
+                for chunk in iter(lambda: response.read(1 << 16), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if total is not None and part.stat().st_size != total:
+            raise ConnectionError(
+                f"Download of {url} stopped after {part.stat().st_size} of {total} bytes. "
+                "Run the cell again: it continues where it stopped."
+            )
+    if expected_sha256 is not None:
+        actual = sha256_of_file(part)
+        if actual != expected_sha256.lower():
+            part.unlink()
+            raise ValueError(
+                f"The file downloaded from {url} has SHA-256 {actual}, but {expected_sha256} "
+                "was expected: it is not the file this course was written for (it changed "
+                "on the server, or a proxy or login page answered instead). The download "
+                "was deleted. Run the cell again; if this repeats, download the file in a "
+                f"browser and save it as {destination}."
+            )
+    os.replace(part, destination)
+    return destination
+
+
+def load_gpt2(
+    model_size: str,
+    models_dir: str | Path,
+    base_url: str = GPT2_BASE_URL,
+    backup_base_url: str = GPT2_BACKUP_BASE_URL,
+    source: str = "auto",
+    safetensors_base_url: str = SAFETENSORS_BASE_URL,
+) -> tuple[dict, dict]:
+    """Download GPT-2 (if needed) and return `(settings, params)` in the book's layout.
+
+    `model_size` is "124M", "355M", "774M", "1558M", or "offline" for the tiny
+    random-weight model that `write_offline_gpt2` makes with no network.
+    `source="auto"` reads OpenAI's TensorFlow checkpoint, and the safetensors file
+    of Hugging Face's openai-community/gpt2* repositories when TensorFlow cannot be
+    imported or OpenAI's host and its backup fail; "tensorflow" or "safetensors"
+    forces one. It prints which source it used.
+    """
+    if model_size not in ("124M", "355M", "774M", "1558M", "offline"):
+        raise ValueError(
+            f'model_size {model_size!r}: use "124M", "355M", "774M", "1558M" or "offline".'
+        )
+    if source not in ("auto", "tensorflow", "safetensors"):
+        raise ValueError(f'source {source!r}: use "auto", "tensorflow" or "safetensors".')
+    model_dir = Path(models_dir) / model_size
+    name = (
+        "the offline model (random weights)" if model_size == "offline" else f"GPT-2 {model_size}"
+    )
+    why_not_tensorflow = None
+    if source in ("auto", "tensorflow"):
+        try:
+            import tensorflow  # noqa: F401
+        except Exception as exc:  # no wheel for this Python or platform, or a broken install
+            why_not_tensorflow = f"TensorFlow cannot be imported ({type(exc).__name__}: {exc})."
+            if source == "tensorflow":
+                raise ImportError(
+                    f"{why_not_tensorflow} Install it (pip install tensorflow), or use "
+                    'source="safetensors", which needs no TensorFlow.'
+                ) from exc
+    if source != "safetensors" and why_not_tensorflow is None:
+        try:
+            if model_size == "offline":
+                write_offline_gpt2(model_dir)
+            else:
+                download_gpt2_tf_files(model_size, model_dir, base_url, backup_base_url)
+        except ConnectionError as exc:
+            if source == "tensorflow":
+                raise ConnectionError(
+                    f"{exc}\nPut these files into {model_dir.resolve()} (for example copied "
+                    "from a machine that has them) and run the cell again, use source="
+                    '"safetensors", or choose the offline model.'
+                ) from exc
+            why_not_tensorflow = f"OpenAI's host and its backup failed. {exc}"
+        else:
+            settings = json.loads((model_dir / "hparams.json").read_text())
+            params = load_gpt2_params_from_tf_ckpt(tf_checkpoint_path(model_dir), settings)
+            print(f"Loaded {name} from OpenAI's TensorFlow checkpoint (source: tensorflow).")
+            return settings, params
+    if why_not_tensorflow is not None:
+        print(f"{why_not_tensorflow}\nUsing the safetensors checkpoint instead.")
+    if model_size == "offline":
+        write_offline_gpt2(model_dir, fmt="safetensors")
+    else:
+        try:
+            download_gpt2_safetensors(model_size, model_dir, safetensors_base_url)
+        except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+            url = f"{safetensors_base_url}/{SAFETENSORS_REPOS[model_size]}"
+            raise ConnectionError(
+                f"Could not download GPT-2 {model_size} from {url}: "
+                f"{describe_network_error(exc, url)}\n"
+                + (f"Before that: {why_not_tensorflow}\n" if why_not_tensorflow else "")
+                + f"Put {' and '.join(SAFETENSORS_FILES)} into {model_dir.resolve()} (for "
+                "example copied from a machine that has them) and run the cell again, or "
+                "choose the offline model."
+            ) from exc
+    settings, params = load_gpt2_from_safetensors(model_dir)
+    print(f"Loaded {name} from the safetensors checkpoint (source: safetensors).")
+    return settings, params
+
+
+def download_gpt2_tf_files(
+    model_size: str,
+    model_dir: str | Path,
+    base_url: str = GPT2_BASE_URL,
+    backup_base_url: str = GPT2_BACKUP_BASE_URL,
+) -> Path:
+    """Download the seven files of OpenAI's checkpoint, each from the backup if needed."""
+    model_dir = Path(model_dir)
+    failed, reasons = [], []
+    for filename in GPT2_FILES:
+        for base in (base_url, backup_base_url):
+            url = f"{base}/{model_size}/{filename}"
+            try:
+                download_file(url, model_dir / filename)
+                break
+            except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+                reason = f"{base}: {describe_network_error(exc, url)}"
+                if reason not in reasons:  # usually the same for every file
+                    reasons.append(reason)
+        else:
+            failed.append(filename)
+    if failed:
+        raise ConnectionError(
+            f"Could not download {len(failed)} of the GPT-2 {model_size} files from "
+            "either source:\n"
+            + "".join(f"  {name}\n" for name in failed)
+            + "because:\n"
+            + "\n".join(f"- {reason}" for reason in reasons)
+        )
+    return model_dir
+
+
+def download_gpt2_safetensors(
+    model_size: str, model_dir: str | Path, base_url: str = SAFETENSORS_BASE_URL
+) -> Path:
+    """Download config.json and model.safetensors of the Hugging Face GPT-2 repository."""
+    model_dir = Path(model_dir)
+    repo_url = f"{base_url}/{SAFETENSORS_REPOS[model_size]}/resolve/main"
+    for filename in SAFETENSORS_FILES:
+        download_file(f"{repo_url}/{filename}", model_dir / filename)
+    return model_dir
+
+
+def tf_checkpoint_path(model_dir: str | Path) -> str:
+    """The checkpoint prefix (".../model.ckpt") that TensorFlow reads."""
+    import tensorflow as tf
+
+    path = tf.train.latest_checkpoint(str(model_dir))
+    if path is None:
+        raise FileNotFoundError(
+            f"No TensorFlow checkpoint in {model_dir}: it needs the files "
+            f"{', '.join(GPT2_FILES)}. Delete the folder and run the cell again."
+        )
+    return path
+
+
+def load_gpt2_params_from_tf_ckpt(ckpt_path: str, settings: dict) -> dict:
+    """`helpers.load_gpt2_params_from_tf_ckpt`, with a clear message for damaged files."""
+    try:
+        return helpers.load_gpt2_params_from_tf_ckpt(ckpt_path, settings)
+    except Exception as exc:  # TensorFlow raises several error types here
+        raise RuntimeError(
+            f"Could not read the TensorFlow checkpoint {ckpt_path}: {exc}\n"
+            "The files are probably incomplete or corrupted: delete the folder and run "
+            "the cell again to download them anew."
+        ) from None
+
+
+def load_weights_into_gpt(gpt: nn.Module, params: dict) -> None:
+    """`helpers.load_weights_into_gpt`, after checking that the sizes fit."""
+    if len(params["blocks"]) != len(gpt.trf_blocks):
+        raise ValueError(
+            f"The checkpoint has {len(params['blocks'])} transformer blocks, the model "
+            f"{len(gpt.trf_blocks)}: choose the model size the weights were made for."
+        )
+    if tuple(params["wte"].shape) != tuple(gpt.tok_emb.weight.shape):
+        raise ValueError(
+            f"The checkpoint's token embedding is {tuple(params['wte'].shape)}, the model's "
+            f"{tuple(gpt.tok_emb.weight.shape)}: choose the model size the weights were made for."
+        )
+    helpers.load_weights_into_gpt(gpt, params)
+
+
+def load_gpt2_from_safetensors(model_dir: str | Path) -> tuple[dict, dict]:
+    """Read Hugging Face's GPT-2 files into `(settings, params)` like the TF loader's.
+
+    `config.json` gives the settings (the keys of OpenAI's hparams.json);
+    `model.safetensors` the weights: `h.3.attn.c_attn.weight` becomes
+    `params["blocks"][3]["attn"]["c_attn"]["w"]`, `ln_f.weight` becomes `params["g"]`.
+    """
+    from safetensors.numpy import load_file
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    settings = {
+        "n_vocab": config["vocab_size"],
+        "n_ctx": config.get("n_ctx", config["n_positions"]),
+        "n_embd": config["n_embd"],
+        "n_head": config["n_head"],
+        "n_layer": config["n_layer"],
+    }
+    try:
+        tensors = load_file(str(model_dir / "model.safetensors"))
+    except Exception as exc:  # the safetensors package has its own error type
+        raise RuntimeError(
+            f"Could not read {model_dir / 'model.safetensors'}: {exc}\n"
+            "The file is probably incomplete or corrupted: delete it and run the cell "
+            "again to download it anew."
+        ) from None
+    params: dict = {"blocks": [{} for _ in range(settings["n_layer"])]}
+    found = set()
+    for full_name, array in tensors.items():
+        name = full_name.removeprefix("transformer.")
+        block = re.fullmatch(r"h\.(\d+)\.(.+)", name)
+        if name == "lm_head.weight" or (block and block[2] in ("attn.bias", "attn.masked_bias")):
+            continue  # the output head (tied to wte) and the causal-mask buffers
+        if name in SAFETENSORS_TOP_NAMES:
+            params[SAFETENSORS_TOP_NAMES[name]] = array.astype(np.float32, copy=False)
+        elif block and block[2] in SAFETENSORS_BLOCK_NAMES and int(block[1]) < settings["n_layer"]:
+            *keys, last = SAFETENSORS_BLOCK_NAMES[block[2]]
+            target = params["blocks"][int(block[1])]
+            for key in keys:
+                target = target.setdefault(key, {})
+            target[last] = array.astype(np.float32, copy=False)
+        else:
+            raise ValueError(
+                f"{model_dir / 'model.safetensors'} holds {full_name!r}, which is not a "
+                f"tensor of a {settings['n_layer']}-layer GPT-2: download the file of the "
+                "model size you chose (openai-community/gpt2, gpt2-medium, ...)."
+            )
+        found.add(name)
+    expected = list(SAFETENSORS_TOP_NAMES) + [
+        f"h.{i}.{n}" for i in range(settings["n_layer"]) for n in SAFETENSORS_BLOCK_NAMES
+    ]
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise ValueError(
+            f"{model_dir / 'model.safetensors'} lacks {len(missing)} of the "
+            f"{len(expected)} GPT-2 tensors (first: {missing[0]}): delete it and run the "
+            "cell again to download it anew."
+        )
+    return settings, params
+
+
+def write_offline_gpt2(model_dir: str | Path, seed: int = 123, fmt: str = "tensorflow") -> Path:
+    """Write a tiny GPT-2 checkpoint with random weights, as a real download would be.
+
+    fmt="tensorflow": the same seven files as OpenAI's download, written with
+    TensorFlow; fmt="safetensors": Hugging Face's config.json and model.safetensors.
+    Both hold the very same weights, so loading either runs the code that loads a
+    real GPT-2. Its answers are noise. Files that already exist are kept.
+    """
+    if fmt not in ("tensorflow", "safetensors"):
+        raise ValueError(f'fmt {fmt!r}: use "tensorflow" or "safetensors".')
+    model_dir = Path(model_dir)
+    needed = GPT2_FILES if fmt == "tensorflow" else SAFETENSORS_FILES
+    if all((model_dir / name).exists() for name in needed):
+        return model_dir
+    arrays, hparams = offline_gpt2_arrays(seed)
+    if fmt == "tensorflow":
+        write_tf_checkpoint(model_dir, arrays, hparams)
+    else:
+        write_safetensors_checkpoint(model_dir, arrays, hparams)
+    return model_dir
+
+
+def offline_gpt2_arrays(seed: int = 123) -> tuple[dict, dict]:
+    """The offline model's random weights under OpenAI's TensorFlow names, and hparams."""
+    cfg = model_config(OFFLINE_MODEL)
+    d, n_layers, vocab, ctx = cfg["emb_dim"], cfg["n_layers"], cfg["vocab_size"], 1024
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, std=0.02):
+        return rng.normal(0.0, std, size=shape).astype(np.float32)
+
+    arrays = {"model/wte": normal(vocab, d), "model/wpe": normal(ctx, d, std=0.01)}
+    for i in range(n_layers):
+        h = f"model/h{i}"
+        arrays[f"{h}/ln_1/g"] = np.ones(d, np.float32)
+        arrays[f"{h}/ln_1/b"] = np.zeros(d, np.float32)
+        arrays[f"{h}/attn/c_attn/w"] = normal(1, d, 3 * d)
+        arrays[f"{h}/attn/c_attn/b"] = np.zeros(3 * d, np.float32)
+        arrays[f"{h}/attn/c_proj/w"] = normal(1, d, d)
+        arrays[f"{h}/attn/c_proj/b"] = np.zeros(d, np.float32)
+        arrays[f"{h}/ln_2/g"] = np.ones(d, np.float32)
+        arrays[f"{h}/ln_2/b"] = np.zeros(d, np.float32)
+        arrays[f"{h}/mlp/c_fc/w"] = normal(1, d, 4 * d)
+        arrays[f"{h}/mlp/c_fc/b"] = np.zeros(4 * d, np.float32)
+        arrays[f"{h}/mlp/c_proj/w"] = normal(1, 4 * d, d)
+        arrays[f"{h}/mlp/c_proj/b"] = np.zeros(d, np.float32)
+    arrays["model/ln_f/g"] = np.ones(d, np.float32)
+    arrays["model/ln_f/b"] = np.zeros(d, np.float32)
+    hparams = {
+        "n_vocab": vocab,
+        "n_ctx": ctx,
+        "n_embd": d,
+        "n_head": cfg["n_heads"],
+        "n_layer": n_layers,
+    }
+    return arrays, hparams
+
+
+def write_safetensors_checkpoint(model_dir: str | Path, arrays: dict, hparams: dict) -> None:
+    """Save arrays named like OpenAI's ("model/h0/ln_1/g") in Hugging Face's form.
+
+    Writes `model.safetensors` ("h.0.ln_1.weight", ...) and a `config.json`.
+    """
+    from safetensors.numpy import save
+
+    model_dir = Path(model_dir)
+    tensors = {
+        "wte.weight": arrays["model/wte"],
+        "wpe.weight": arrays["model/wpe"],
+        "ln_f.weight": arrays["model/ln_f/g"],
+        "ln_f.bias": arrays["model/ln_f/b"],
+    }
+    for i in range(hparams["n_layer"]):
+        for hf_name, keys in SAFETENSORS_BLOCK_NAMES.items():
+            # OpenAI's weights have a leading axis of 1 ([1, in, out]); Hugging Face's not
+            tensors[f"h.{i}.{hf_name}"] = np.squeeze(arrays[f"model/h{i}/" + "/".join(keys)])
+    write_atomic(model_dir / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": hparams["n_vocab"],
+        "n_positions": hparams["n_ctx"],
+        "n_ctx": hparams["n_ctx"],
+        "n_embd": hparams["n_embd"],
+        "n_head": hparams["n_head"],
+        "n_layer": hparams["n_layer"],
+    }
+    write_json(model_dir / "config.json", config)
+
+
+def write_tf_checkpoint(model_dir: str | Path, arrays: dict, hparams: dict) -> None:
+    """Save named NumPy arrays as a TensorFlow v1 checkpoint plus OpenAI's side files."""
+    import tensorflow as tf
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    graph = tf.Graph()
+    with graph.as_default():
+        variables = [
+            tf.compat.v1.Variable(value, name=name, dtype=tf.float32)
+            for name, value in arrays.items()
+        ]
+        saver = tf.compat.v1.train.Saver(variables)
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, str(model_dir / "model.ckpt"))
+    # the checkpoint index records a relative path, like OpenAI's
+    (model_dir / "checkpoint").write_text(
+        'model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n'
+    )
+    write_json(model_dir / "hparams.json", hparams)
+    for name in ("encoder.json", "vocab.bpe"):
+        write_atomic(model_dir / name, (TOKENIZER_DIR / name).read_bytes())
+
+
+def read_pth(path: str | Path, notebook: str = "05_instruction_finetuning") -> Any:
+    """`torch.load` a .pth file onto the CPU; a missing or damaged file names the fix."""
+    path = require_artifact(path, notebook)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several error types for damaged files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RuntimeError(
+            f"{path} could not be read ({type(exc).__name__}: {reason}). The file is "
+            "damaged or incomplete (an interrupted copy?) or is not a PyTorch file. "
+            f"Delete it and run notebook {notebook} again to write it anew."
+        ) from None
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Any, source: str) -> None:
+    """`model.load_state_dict`, but a mismatch lists the tensors that do not fit.
+
+    The causal-mask buffers (`...att.mask`) are constants, so files with or without
+    them load alike; prefixes added by `torch.compile` or DataParallel are removed.
+    """
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
+        raise ValueError(
+            f"{source} holds no model weights (a dict of tensors, as written by "
+            "torch.save(model.state_dict(), path)). Delete it and run notebook "
+            "05_instruction_finetuning again."
+        )
+    state_dict = {
+        key.removeprefix("_orig_mod.").removeprefix("module."): value
+        for key, value in state_dict.items()
+    }
+    own = model.state_dict()
+
+    def optional(key):
+        return key.endswith(".att.mask")
+
+    problems = [
+        f"{key}: the file has {tuple(value.shape)}, the model {tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and not optional(key) and value.shape != own[key].shape
+    ]
+    problems += [
+        f"{key}: missing in the file" for key in own if key not in state_dict and not optional(key)
+    ]
+    problems += [
+        f"{key}: in the file, not in the model"
+        for key in state_dict
+        if key not in own and not optional(key)
+    ]
+    if problems:
+        listed = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(
+            f"The weights in {source} do not fit this model ({len(problems)} tensors):\n"
+            f"  {listed}{more}\n"
+            "They were saved for another model configuration: set COURSE_MODEL to the size "
+            "they were trained with, or run notebook 05_instruction_finetuning again for "
+            "this model."
+        )
+    model.load_state_dict(
+        {key: value for key, value in state_dict.items() if not optional(key)}, strict=False
+    )
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a .pth file of weights into `model` (notebook 05's `<model>-sft.pth`).
+
+    Reads the book's `torch.save(model.state_dict(), path)` files and this course's
+    training checkpoints. A missing, damaged or mismatched file stops with a message
+    that names the file, the tensors that do not fit and what to do.
+    """
+    state = read_pth(path)
+    if isinstance(state, dict) and "model_state_dict" in state:  # a training checkpoint
+        state = state["model_state_dict"]
+    load_state_dict_checked(model, state, str(path))
+    return model
