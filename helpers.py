@@ -745,3 +745,43 @@ def generate_model_scores(
             continue
         scores.append(score)
     return scores
+
+
+# ---------------------------------------------------------------------------
+# 8. Exercise 7.4: LoRA (appendix E)
+# ---------------------------------------------------------------------------
+
+
+class LoRALayer(nn.Module):
+    """A low-rank update alpha * (x @ A @ B): rank * (in_dim + out_dim) parameters."""
+
+    def __init__(self, in_dim, out_dim, rank, alpha):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(in_dim, rank))  # (in_dim, rank)
+        nn.init.kaiming_uniform_(self.A, a=5**0.5)  # as nn.Linear initializes its weight
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))  # (rank, out_dim): zero, a no-op
+        self.alpha = alpha
+
+    def forward(self, x):  # (..., in_dim) -> (..., out_dim)
+        return self.alpha * (x @ self.A @ self.B)
+
+
+class LinearWithLoRA(nn.Module):
+    """A (frozen) nn.Linear plus a LoRALayer of the same shape: W x + b + alpha x A B."""
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
+
+
+def replace_linear_with_lora(model, rank, alpha):
+    """Replace every nn.Linear inside `model` by a LinearWithLoRA around it, in place."""
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            setattr(model, name, LinearWithLoRA(module, rank, alpha))
+        else:
+            replace_linear_with_lora(module, rank, alpha)

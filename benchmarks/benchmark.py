@@ -1,24 +1,26 @@
-"""Fine-tuning and generation speed: the book's plain algorithm against the fast paths.
+"""Fine-tuning and generation speed: the book's plain code against the course's fast paths.
 
-Runs on the course's real data (instruction-data.json: training batches from the
-train split, prompts from the test split formatted with format_input) with GPT-2
-sized models holding random weights (speed does not depend on the weights' values).
-Every configuration runs in a fresh Python process of its own, so that its peak
-memory (peak resident set size) is its own. It prints a table; it asserts nothing.
+Every row runs the same `helpers.GPTModel` (the book's model, random weights of a
+GPT-2 size: speed does not depend on the weights' values) on the course's real data
+(training batches from the train split of instruction-data.json, prompts from its
+test split formatted with format_input):
+
+- "book" rows: the book's code as it is: `helpers.calc_loss_batch` and
+  `torch.optim.AdamW(model.parameters())` for fine-tuning, `helpers.generate` one
+  prompt at a time for generation.
+- "fast" rows: `course.speed` on that same model, as `course.training.train_model`
+  and notebook 07 run it: `calc_loss_batch_fast`, the fused AdamW of
+  `make_optimizer`, bf16 autocast where the row says so, `generate_fast` (key/value
+  cache) and `generate_batch` (cache and batches), after `keep_freed_memory()`.
+- "LoRA" rows: the fast fp32 row with the pretrained weights frozen and
+  `helpers.replace_linear_with_lora(model, rank=16, alpha=16)` (exercise 7.4).
+
+Each row runs in a fresh Python process of its own with the default thread count,
+so that its peak memory (peak resident set size) is its own. The speed-ups compare
+rows of the same run; the checks at the end are the course's claims.
 
     python benchmarks/benchmark.py                      # gpt2-small and gpt2-medium
     python benchmarks/benchmark.py --models gpt2-small --train-steps 2 --gen-prompts 4
-
-Columns: tokens/s (fine-tuning: input tokens per second of training steps, padding
-included, as the book counts tokens seen; generation: new tokens per second), the
-speed-up over the plain algorithm in the same run, the peak RSS of the process and
-how much of it came on top of the loaded model (and optimizer), and whether the
-result equals the plain algorithm's (generation: the same tokens; fine-tuning: the
-first step's loss within 1e-4; bf16 is compared within 2%).
-
-On Linux one more fine-tuning row repeats the last one with two glibc environment
-variables (KEEP_FREED_MEMORY below) that keep freed memory for reuse instead of
-returning it to the system: the same computation with fewer page faults.
 """
 
 from __future__ import annotations
@@ -41,9 +43,19 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import helpers  # noqa: E402
+from course import speed  # noqa: E402
+from course.artifacts import write_atomic  # noqa: E402
+from course.data import load_instruction_data  # noqa: E402
+from course.settings import model_config, resolve_model_name  # noqa: E402
 
 EOS_ID = 50256
 LEARNING_RATE, WEIGHT_DECAY, BATCH_SIZE, SEED = 5e-5, 0.1, 8, 123
+LORA_RANK, LORA_ALPHA = 16, 16
+
+TRAIN_ROWS = ["book fp32", "fast fp32", "fast bf16", "fast fp32 LoRA r16"]
+GENERATION_ROWS = ["book generate", "cached", "cached + batched"]
+# the course's claims: (row, the speed-up over the book's row it must reach at least)
+CLAIMS = [("fast fp32", 1.4), ("fast bf16", 3.0), ("cached + batched", 20.0)]
 
 
 # ---------------------------------------------------------------------------
@@ -61,13 +73,9 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def load_data() -> list[dict]:
-    return helpers.download_and_load_file(ROOT / "instruction-data.json", helpers.DATA_URL)
-
-
-def build_model(model_name: str, fast: bool) -> helpers.GPTModel:
+def build_model(model_name: str) -> helpers.GPTModel:
     torch.manual_seed(SEED)
-    return helpers.GPTModel({**helpers.model_config(model_name), "fast": fast})
+    return helpers.GPTModel(model_config(model_name))
 
 
 def measure_training(model_name: str, variant: str, steps: int, repeat: int) -> dict:
@@ -77,7 +85,7 @@ def measure_training(model_name: str, variant: str, steps: int, repeat: int) -> 
     from torch.utils.data import DataLoader
 
     tokenizer = helpers.get_tokenizer()
-    train_data = helpers.split_data(load_data())[0]
+    train_data = helpers.split_data(load_instruction_data())[0]
     collate = partial(helpers.custom_collate_fn, allowed_max_length=1024)
     torch.manual_seed(SEED)
     loader = DataLoader(
@@ -93,21 +101,30 @@ def measure_training(model_name: str, variant: str, steps: int, repeat: int) -> 
         if len(batches) == steps + 1:
             break
 
-    model = build_model(model_name, fast=variant != "plain fp32")
+    model = build_model(model_name)
+    book = variant.startswith("book")
+    if "LoRA" in variant:  # exercise 7.4: freeze everything, then add the adapters
+        for param in model.parameters():
+            param.requires_grad = False
+        helpers.replace_linear_with_lora(model, LORA_RANK, LORA_ALPHA)
     model.train()
-    if variant == "plain fp32":  # the book: PyTorch's default AdamW
+    if book:  # the book: PyTorch's default AdamW and the plain loss
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY
         )
-    else:
-        optimizer = helpers.make_optimizer(model, LEARNING_RATE, WEIGHT_DECAY)
-    use_bf16 = "bf16" in variant
+        calc_loss_batch = helpers.calc_loss_batch
+    else:  # what course.training.train_model does
+        speed.keep_freed_memory()
+        optimizer = speed.make_optimizer(model, LEARNING_RATE, WEIGHT_DECAY)
+        calc_loss_batch = speed.calc_loss_batch_fast
+    precision = "bf16" if "bf16" in variant else "fp32"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loaded_mb = rss_mb()
 
     def train_step(input_batch, target_batch) -> float:
         optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = helpers.calc_loss_batch(input_batch, target_batch, model, "cpu")
+        with speed.autocast_context("cpu", precision):
+            loss = calc_loss_batch(input_batch, target_batch, model, "cpu")
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -124,6 +141,7 @@ def measure_training(model_name: str, variant: str, steps: int, repeat: int) -> 
         "tokens": tokens,
         "seconds": seconds,
         "first_loss": first_loss,
+        "trainable": trainable,
         "loaded_mb": loaded_mb,
         "peak_mb": peak_rss_mb(),
     }
@@ -139,19 +157,21 @@ def measure_generation(
 ) -> dict:
     """Greedy responses to the first `n_prompts` test prompts, stopping at <|endoftext|>."""
     tokenizer = helpers.get_tokenizer()
-    test_data = helpers.split_data(load_data())[2][:n_prompts]
+    test_data = helpers.split_data(load_instruction_data())[2][:n_prompts]
     prompts = [tokenizer.encode(helpers.format_input(entry)) for entry in test_data]
-    model = build_model(model_name, fast=variant != "plain")
+    model = build_model(model_name)
     model.eval()
+    if not variant.startswith("book"):
+        speed.keep_freed_memory()
     context_size = model.pos_emb.weight.shape[0]
     loaded_mb = rss_mb()
 
     def run(some_prompts, n_new):
         if variant == "cached + batched":
-            return helpers.generate_batch(
+            return speed.generate_batch(
                 model, some_prompts, n_new, context_size, eos_id=EOS_ID, batch_size=batch_size
             )
-        generate = helpers.generate if variant == "plain" else helpers.generate_fast
+        generate = helpers.generate if variant.startswith("book") else speed.generate_fast
         outputs = []
         for prompt in some_prompts:
             idx = torch.tensor([prompt])
@@ -205,30 +225,15 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-# glibc's malloc hands big freed blocks back to the system, and PyTorch allocates
-# them anew at every training step (gradients, bf16 copies of the weights, logits):
-# each new page then costs a page fault. These two settings keep freed memory for reuse.
-KEEP_FREED_MEMORY = {
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "68719476736",
-}
-MALLOC_SUFFIX = " + malloc env"
-
-
-def run_child(job: dict, threads: int | None) -> dict:
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    if job["variant"].endswith(MALLOC_SUFFIX):
-        env.update(KEEP_FREED_MEMORY)
+def run_child(job: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(job)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"{job} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="gpt2-small,gpt2-medium", help="comma-separated")
     parser.add_argument("--train-steps", type=int, default=3, help="timed steps (+1 warm-up)")
@@ -237,11 +242,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="for generate_batch")
     parser.add_argument("--repeat", type=int, default=1, help="time N passes, keep the fastest")
     parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS")
-    parser.add_argument(
-        "--skip", default="", help="comma-separated: train, generate, malloc (the malloc env row)"
-    )
-    parser.add_argument("--output", default=None, help="also write the table here (Markdown)")
+    parser.add_argument("--skip", default="", help="comma-separated: train, generate, lora")
+    parser.add_argument("--output", default=None, help="also write the report here (Markdown)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -259,13 +261,13 @@ def main() -> None:
                 job["repeat"],
             )
         print(json.dumps(result))
-        return
+        return 0
 
     bf16 = cpu_has_bf16() if args.bf16 == "auto" else args.bf16 == "yes"
-    threads = args.threads or torch.get_num_threads()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     machine = (
-        f"{cpu_description()}, {os.cpu_count()} cores ({threads} threads used), "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python "
+        f"{cpu_description()}, {os.cpu_count()} cores ({torch.get_num_threads()} threads, "
+        f"PyTorch's default), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python "
         f"{platform.python_version()}, torch {torch.__version__}, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, bf16 instructions: "
         f"{'yes' if cpu_has_bf16() else 'no'}"
@@ -281,48 +283,52 @@ def main() -> None:
 
     rows = []
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        model_name = helpers.resolve_model_name(model_name)
-        if "train" not in args.skip:
-            variants = ["plain fp32", "fast fp32"] + (["fast bf16"] if bf16 else [])
-            if sys.platform == "linux" and "malloc" not in args.skip:
-                variants.append(variants[-1] + MALLOC_SUFFIX)
+        model_name = resolve_model_name(model_name)
+        if "train" not in skip:
+            variants = [
+                v
+                for v in TRAIN_ROWS
+                if (bf16 or "bf16" not in v) and ("lora" not in skip or "LoRA" not in v)
+            ]
             base = None
             for variant in variants:
                 job = {"task": "train", "model": model_name, "variant": variant}
-                job["repeat"] = args.repeat
-                r = run_child({**job, "steps": args.train_steps}, args.threads)
+                r = run_child({**job, "steps": args.train_steps, "repeat": args.repeat})
                 base = base or r
+                # bf16 computes the same function less precisely; LoRA starts as a no-op
                 tolerance = 0.02 * abs(base["first_loss"]) if "bf16" in variant else 1e-4
                 same = abs(r["first_loss"] - base["first_loss"]) <= tolerance
                 rows.append(table_row(model_name, "fine-tuning", variant, r, base, same))
                 print(format_row(rows[-1]), flush=True)
-        if "generate" not in args.skip:
+        if "generate" not in skip:
             base = None
-            for variant in ["plain", "cached", "cached + batched"]:
+            for variant in GENERATION_ROWS:
                 job = {"task": "generate", "model": model_name, "variant": variant}
-                job["repeat"] = args.repeat
                 job.update(prompts=args.gen_prompts, max_new=args.max_new_tokens)
-                r = run_child({**job, "batch": args.batch_size}, args.threads)
+                r = run_child({**job, "batch": args.batch_size, "repeat": args.repeat})
                 base = base or r
                 same = r["digest"] == base["digest"]
                 rows.append(table_row(model_name, "generation", variant, r, base, same))
                 print(format_row(rows[-1]), flush=True)
 
+    checks, ok = claim_checks(rows)
+    lora = lora_lines(rows)
     options = [a for a in sys.argv[1:] if not a.startswith("--output")]
     if args.output and args.output in options:  # "--output PATH": leave the path out
         options.remove(args.output)
     command = "python benchmarks/benchmark.py " + " ".join(options)
     report = (
         f"Machine: {machine}\n\n{settings}\n\nCommand: `{command.strip()}`\n\n"
-        f"{markdown_table(rows)}\n"
+        f"{markdown_table(rows)}\n\n{lora}{checks}\n"
     )
     print("\n" + report)
     if args.output:
-        helpers.write_atomic(args.output, ("# Benchmark results\n\n" + report).encode("utf-8"))
+        write_atomic(args.output, report.encode("utf-8"))
+    return 0 if ok else 1
 
 
 def table_row(model, task, variant, r, base, same) -> dict:
-    speed = r["tokens"] / r["seconds"]
+    speed_now = r["tokens"] / r["seconds"]
     base_speed = base["tokens"] / base["seconds"]
     return {
         "model": model,
@@ -330,17 +336,53 @@ def table_row(model, task, variant, r, base, same) -> dict:
         "variant": variant,
         "tokens": r["tokens"],
         "seconds": round(r["seconds"], 2),
-        "tokens_per_s": round(speed, 1),
-        "speedup": round(speed / base_speed, 2),
+        "tokens_per_s": round(speed_now, 1),
+        "speedup": round(speed_now / base_speed, 2),
         "peak_rss_mb": round(r["peak_mb"]),
         "above_model_mb": round(r["peak_mb"] - r["loaded_mb"]),
+        "trainable": r.get("trainable"),
         "same_as_plain": same,
     }
 
 
+def claim_checks(rows: list[dict]) -> tuple[str, bool]:
+    """Each claim of the course against this run: the row's speed-up over the book's."""
+    lines, ok = [], True
+    for row in rows:
+        for variant, minimum in CLAIMS:
+            if row["variant"] == variant:
+                passed = row["speedup"] >= minimum and row["same_as_plain"]
+                ok &= passed
+                lines.append(
+                    f"- {row['model']}, {row['task']} {variant}: {row['speedup']:.2f}x the "
+                    f"book's code (claim: at least {minimum:g}x, same result): "
+                    + ("holds" if passed else "FALLS SHORT")
+                )
+    return "Claims checked in this run:\n\n" + "\n".join(lines) + "\n", ok
+
+
+def lora_lines(rows: list[dict]) -> str:
+    """LoRA against full fine-tuning, both on the fast fp32 path of the same run."""
+    lines = []
+    for lora in (r for r in rows if "LoRA" in r["variant"]):
+        full = next(r for r in rows if r["model"] == lora["model"] and r["variant"] == "fast fp32")
+        lines.append(
+            f"- {lora['model']}: LoRA trains {lora['trainable']:,} of the parameters "
+            f"(full fine-tuning {full['trainable']:,}); "
+            f"{lora['tokens_per_s'] / full['tokens_per_s']:.2f}x the tokens/s of full "
+            f"fine-tuning, peak RSS {lora['peak_rss_mb']} MB against {full['peak_rss_mb']} MB "
+            f"({lora['peak_rss_mb'] - full['peak_rss_mb']:+d} MB)"
+        )
+    if not lines:
+        return ""
+    return "LoRA (rank 16, alpha 16) against full fine-tuning, both fast fp32:\n\n" + (
+        "\n".join(lines) + "\n\n"
+    )
+
+
 def format_row(row: dict) -> str:
     return (
-        f"{row['model']:<20} {row['task']:<12} {row['variant']:<17} "
+        f"{row['model']:<20} {row['task']:<12} {row['variant']:<19} "
         f"{row['tokens_per_s']:>9.1f} tok/s  x{row['speedup']:<6.2f} "
         f"peak {row['peak_rss_mb']:>6} MB (+{row['above_model_mb']} MB over the model)  "
         f"same: {'yes' if row['same_as_plain'] else 'NO'}"
@@ -349,7 +391,8 @@ def format_row(row: dict) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| model | task | variant | tokens/s | speed-up | peak RSS (MB) | above loaded model (MB) | same result as plain |",
+        "| model | task | row | tokens/s | speed-up over the book's code | peak RSS (MB) "
+        "| above loaded model (MB) | same result as the book's code |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
@@ -362,4 +405,4 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

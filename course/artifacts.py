@@ -12,13 +12,18 @@ are not the book's, so runs with other settings never overwrite each other.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import re
+import socket
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from course import settings
 
@@ -47,8 +52,12 @@ class MissingArtifact(ArtifactError, FileNotFoundError):
 
 
 def artifacts_dir() -> Path:
-    """The folder where notebooks hand results to each other (COURSE_ARTIFACTS)."""
-    path = Path(os.environ.get("COURSE_ARTIFACTS") or settings.ROOT / "artifacts")
+    """The folder where notebooks hand results to each other (COURSE_ARTIFACTS).
+
+    By default `artifacts/` in the course's folder; a relative COURSE_ARTIFACTS also
+    counts from there, wherever Jupyter was started.
+    """
+    path = Path(settings.setting("COURSE_ARTIFACTS"))
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -84,8 +93,6 @@ def split_path(dataset_tag: str | None = None) -> Path:
 
 def judge_slug(judge_model: str) -> str:
     """A judge model's name as part of a file name: "llama3:8b" -> "llama3-8b"."""
-    import re
-
     return re.sub(r"[^A-Za-z0-9._-]+", "-", judge_model).strip("-") or "judge"
 
 
@@ -122,50 +129,49 @@ def path_for(kind: str, stem: str) -> Path:
 
 # -- writing ----------------------------------------------------------------------
 
+# the temporary file of one write: "<name>.<host>-<pid>-<random>.tmp" beside the target
+_TMP_PATTERN = r"\.(?P<host>[A-Za-z0-9_-]*)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp"
+_HOST = re.sub(r"[^A-Za-z0-9_-]+", "_", socket.gethostname())[:32]
+STALE_AFTER_S = 24 * 3600  # another machine's temporary files count as left over after this
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file of its own and a rename.
 
-    A full or read-only disk gives an ArtifactError that says so, and leaves no
-    temporary file behind.
+@contextlib.contextmanager
+def open_atomic(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that becomes `path` only when the `with` block completes.
+
+    The bytes go to a temporary file of this writer's own beside `path`; it is flushed
+    to disk (fsync) and renamed to `path`. An error or interruption leaves the old file
+    as it was and removes the temporary file; so does a full or read-only disk, which
+    raises an ArtifactError that says what to do. Two processes writing the same file
+    at once both succeed, and the file is one of the two, whole. Temporary files left
+    by a process that was killed while writing are removed by the next write.
+
+        with open_atomic(path) as f:
+            fig.savefig(f, format="pdf")
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f"{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_left_over_temporaries(path)
         with open(tmp, "xb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+        _fsync_folder(path.parent)
+    except BaseException as exc:
         _remove_quietly(tmp)
-        raise ArtifactError(_write_problem(path, exc)) from None
-    except BaseException:
-        _remove_quietly(tmp)
+        os_error = _os_error_in(exc) if isinstance(exc, Exception) else None
+        if os_error is not None:
+            raise ArtifactError(_write_problem(path, os_error)) from None
         raise
 
 
-def _remove_quietly(path: Path) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def _write_problem(path: Path, exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
-        return (
-            f"Could not write {path.name}: the disk is full. Nothing was changed. Free some "
-            f"space in {path.parent} (or set COURSE_ARTIFACTS to a folder on another disk) "
-            "and run the cell again."
-        )
-    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return (
-            f"Could not write {path.name}: {path.parent} is not writable ({exc.strerror}). "
-            "Set COURSE_ARTIFACTS to a folder you can write to and run the cell again."
-        )
-    return f"Could not write {path}: {exc.strerror or exc}."
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `open_atomic`)."""
+    with open_atomic(path) as f:
+        f.write(data)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -174,14 +180,111 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save`, atomically (the same guarantees as `write_atomic`)."""
-    import io
+    """`torch.save(obj, path)`, atomically (the guarantees of `open_atomic`).
 
+    It streams to the temporary file, so a large checkpoint needs no second copy in
+    memory.
+    """
     import torch
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_atomic(path, buffer.getbuffer())
+    with open_atomic(path) as f:
+        torch.save(obj, f)
+
+
+def remove_left_over_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files of writes of `path` whose process no longer runs.
+
+    A write killed half-way (kill -9, a crash, a power cut) leaves its temporary file;
+    the next write of the same artifact calls this. The temporary files of writers
+    that still run are kept; those of another machine (a shared folder) after a day.
+    Returns what was removed.
+    """
+    path = Path(path)
+    removed = []
+    pattern = re.compile(re.escape(path.name) + _TMP_PATTERN)
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for candidate in candidates:
+        match = pattern.fullmatch(candidate.name)
+        # "<name>.tmp" was the temporary file of earlier versions of the course
+        if match is None and candidate.name != f"{path.name}.tmp":
+            continue
+        if match is not None and match["host"] == _HOST and os.name != "nt":
+            left_over = not _process_runs(int(match["pid"]))
+        else:
+            try:
+                age = time.time() - candidate.stat().st_mtime
+            except OSError:
+                continue
+            left_over = match is None or age > STALE_AFTER_S
+        if left_over and _remove_quietly(candidate):
+            removed.append(candidate)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, but belongs to someone else
+    return True
+
+
+def _remove_quietly(path: Path) -> bool:
+    try:
+        os.remove(path)
+    except OSError:
+        return False
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable; not every system can open a folder for this."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`, if any (torch.save reports one as a RuntimeError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _write_problem(path: Path, exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return (
+            f"Could not write {path.name}: the disk is full. Nothing was changed and no "
+            f"partial file was left. Free some space in {path.parent} (or set "
+            "COURSE_ARTIFACTS to a folder on another disk) and run the cell again."
+        )
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return (
+            f"Could not write {path.name}: {path.parent} is not writable ({exc.strerror}). "
+            "Set COURSE_ARTIFACTS to a folder you can write to and run the cell again."
+        )
+    return (
+        f"Could not write {path} ({exc.strerror or exc}). Nothing was changed; fix the "
+        "cause and run the cell again."
+    )
 
 
 # -- reading ----------------------------------------------------------------------
@@ -198,39 +301,72 @@ def require_artifact(path: str | Path, notebook: str) -> Path:
     return path
 
 
+# the end of each JSON artifact's name -> the kind of artifact (see path_for)
+_JSON_KINDS = {
+    "-baseline.json": "baseline",
+    "-training-log.json": "training-log",
+    "-instruction-data-with-response.json": "responses",
+    "-responses-progress.json": "responses-progress",
+    "-dpo-log.json": "dpo-log",
+}
+
+
+def written_by(path: str | Path) -> str | None:
+    """The notebook that writes the artifact `path`, from its name (None if unknown)."""
+    name = Path(path).name
+    if re.fullmatch(r"split(-.+)?\.json", name):
+        return WRITTEN_BY["split"]
+    if re.search(r"-scores(-.+)?\.json$", name):
+        return WRITTEN_BY["scores"]
+    for ending, kind in _JSON_KINDS.items():
+        if name.endswith(ending):
+            return WRITTEN_BY[kind]
+    return None
+
+
 def read_json(path: str | Path, notebook: str | None = None) -> Any:
     """Read a JSON artifact; a missing or damaged file names itself and the fix.
 
-    `notebook` is the notebook that writes the file. A UTF-8 byte-order mark is fine.
+    `notebook` is the notebook that writes the file (by default found from the file's
+    name, see `written_by`). A missing file raises MissingArtifact; an empty, cut-off
+    or otherwise damaged one, or one that is not UTF-8 text, an ArtifactError that
+    says so. A UTF-8 byte-order mark (as some editors write) is fine.
     """
     path = Path(path)
+    notebook = notebook or written_by(path)
     fix = (
         f"Delete it and run notebook {notebook} again to write it anew."
         if notebook
-        else "Delete it and run the cell again."
+        else "Delete it and run the cell that writes it again."
     )
     if notebook:
         require_artifact(path, notebook)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ArtifactError(
-            f"{path} is not a text file (byte {exc.start} is not UTF-8): it is damaged. {fix}"
-        ) from None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MissingArtifact(f"{path.name} was not found in {path.parent}.") from None
     except OSError as exc:
         raise ArtifactError(f"{path} cannot be read ({exc.strerror}).") from None
     try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(
+            f"{path} is damaged: it is not UTF-8 text (byte {exc.start} of {len(data)} is "
+            f"0x{data[exc.start]:02x}), so not a JSON file. {fix}"
+        ) from None
+    try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        what = (
-            "empty"
-            if not text.strip()
-            else "cut off"
-            if exc.pos >= len(text.rstrip())
-            else "damaged"
-        )
+        if not text.strip():
+            what = "empty"
+        elif not text.strip().strip("\x00"):
+            what = "damaged: it holds only zero bytes (a crash while it was written)"
+        elif exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string"):
+            what = f"cut off: it ends after {len(data)} bytes, in the middle of the JSON"
+        else:
+            what = "damaged"
         raise ArtifactError(
-            f"{path} is {what}: not valid JSON ({exc.msg}, line {exc.lineno}, column "
+            f"{path} is {what} (not valid JSON: {exc.msg}, line {exc.lineno}, column "
             f"{exc.colno}). {fix}"
         ) from None
 
@@ -279,3 +415,57 @@ def training_run() -> dict:
             )
         run[key] = recorded
     return run
+
+
+# -- notebook 05's training log -------------------------------------------------------
+
+TRAINING_LOG_FORMAT = "course-training-log-1"
+# lists with one value per evaluation, and what else notebooks 06-09 and run_course.py read
+TRAINING_LOG_SERIES = ("train_losses", "val_losses", "tokens_seen", "epochs_seen", "eval_steps")
+TRAINING_LOG_KEYS = ("model", "config", "initial_losses", "duration_minutes", *TRAINING_LOG_SERIES)
+
+
+def _training_log_problem(log: Any) -> str | None:
+    if not isinstance(log, dict):
+        return f"it holds a JSON {type(log).__name__}, not an object"
+    missing = [key for key in TRAINING_LOG_KEYS if key not in log]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    if not isinstance(log["config"], dict):
+        return "its config is not an object"
+    lengths = {key: len(log[key]) for key in TRAINING_LOG_SERIES if isinstance(log[key], list)}
+    if len(lengths) < len(TRAINING_LOG_SERIES) or len(set(lengths.values())) != 1:
+        return f"its per-evaluation lists differ in length ({lengths})"
+    if not lengths["train_losses"]:
+        return "it holds no evaluation"
+    return None
+
+
+def write_training_log(stem: str, log: dict) -> Path:
+    """Write notebook 05's training log of run `stem` atomically; returns its path.
+
+    `log` holds "model", "config" (what the run was trained with: prompt_style,
+    mask_instructions, dataset, data_limit, finetune, lora_rank, lora_alpha and the
+    hyper-parameters; notebooks 06-09 follow it through `training_run()`),
+    "initial_losses", "duration_minutes" and one value per evaluation in
+    "train_losses", "val_losses", "tokens_seen", "epochs_seen" and "eval_steps".
+    """
+    problem = _training_log_problem(log)
+    if problem:
+        raise ValueError(f"Not a training log: {problem}.")
+    path = path_for("training-log", stem)
+    write_json(path, {"format": TRAINING_LOG_FORMAT, **log})
+    return path
+
+
+def read_training_log(stem: str) -> dict:
+    """Notebook 05's training log of run `stem`; a missing or damaged log names the fix."""
+    path = path_for("training-log", stem)
+    log = read_json(path, WRITTEN_BY["training-log"])
+    problem = _training_log_problem(log)
+    if problem:
+        raise ArtifactError(
+            f"{path} is not a complete training log ({problem}). Delete it and run notebook "
+            f"{WRITTEN_BY['training-log']} again (it reloads a finished run without training)."
+        )
+    return log

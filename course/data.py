@@ -1,10 +1,18 @@
-"""The dataset files: download with a checksum, validation that names the entry, the split.
+"""The dataset files: which data, download with a checksum, validation that names the entry, the split.
 
 `helpers.download_and_load_file` is the book's listing 7.1. `load_instruction_data`
 does the same job for the course: the download resumes and is checked against its
 SHA-256, and a damaged or malformed file says which entry is wrong and what to do.
-The split is saved with a fingerprint of the data, so that later notebooks notice
-when the dataset has changed since.
+
+`load_course_data` loads the data COURSE_DATASET names (exercise 7.3): "book" (the
+book's 1,100 entries, the default), "alpaca" (Stanford Alpaca, 52,002 entries) or a
+path or http(s) URL of a JSON file in the same instruction/input/output format. It
+drops exact repeats of an entry (so no entry can land in two splits), takes the
+reproducible random subset of COURSE_DATA_LIMIT entries, and checks that enough is
+left for the split and one training batch.
+
+The split is saved per dataset with a fingerprint of the entries it was cut from, so
+that later notebooks notice when the data has changed since.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +33,30 @@ DATA_URL = (
 )
 DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 DATA_FILE = settings.ROOT / "instruction-data.json"
+BOOK_SPLIT = {"train": 935, "val": 55, "test": 110}  # the book's split of its 1,100 entries
+
+# exercise 7.3: Stanford Alpaca, the file the book's exercise solution uses
+ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+ALPACA_ENTRIES = 52_002
+SUBSET_SEED = 123  # COURSE_DATA_LIMIT's subset: the same entries on every machine
 
 
 class DatasetError(ValueError):
     """The instruction dataset file is not what the course expects."""
 
 
-def validate_instruction_data(data: Any, source: str) -> list[dict]:
-    """Check that `data` is a list of entries with string instruction/input/output."""
+REFETCH = "Delete the file and run the cell again to download it anew."
+FIX_BY_HAND = "Fix the file (there is no address to download it from again)."
+
+
+def validate_instruction_data(data: Any, source: str, fix: str = REFETCH) -> list[dict]:
+    """Check that `data` is a list of entries with string instruction/input/output.
+
+    `fix` ends the message when the file as a whole is wrong.
+    """
     if not isinstance(data, list):
         raise DatasetError(
-            f"{source}: expected a JSON list of entries, got a JSON {type(data).__name__}. "
-            "Delete the file and run the cell again to download a fresh copy."
+            f"{source}: expected a JSON list of entries, got a JSON {type(data).__name__}. " + fix
         )
     for index, entry in enumerate(data):
         if not isinstance(entry, dict):
@@ -58,7 +79,10 @@ def validate_instruction_data(data: Any, source: str) -> list[dict]:
 
 
 def load_instruction_data(
-    file_path: str | Path = DATA_FILE, url: str = DATA_URL, expected_sha256: str | None = None
+    file_path: str | Path = DATA_FILE,
+    url: str = DATA_URL,
+    expected_sha256: str | None = None,
+    show_progress: bool = False,
 ) -> list[dict]:
     """Download the dataset when `file_path` is missing, then load and validate it.
 
@@ -74,7 +98,7 @@ def load_instruction_data(
             expected_sha256 = DATA_SHA256
         try:
             weights.download_file(
-                url, file_path, show_progress=False, expected_sha256=expected_sha256
+                url, file_path, show_progress=show_progress, expected_sha256=expected_sha256
             )
         except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
             raise ConnectionError(
@@ -84,21 +108,181 @@ def load_instruction_data(
             ) from exc
         except ValueError as exc:  # the checksum did not match
             raise DatasetError(str(exc)) from None
+    fix = REFETCH if url else FIX_BY_HAND
     try:
         text = file_path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DatasetError(
-            f"{file_path}: byte {exc.start} is not UTF-8 text: the file is damaged. Delete "
-            "it and run the cell again to download it anew."
+            f"{file_path}: byte {exc.start} is not UTF-8 text: the file is damaged. {fix}"
         ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(
-            f"{file_path}: not valid JSON ({exc.msg}: line {exc.lineno}, column "
-            f"{exc.colno}). Delete the file and run the cell again to download it anew."
+            f"{file_path}: not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}). {fix}"
         ) from None
-    return validate_instruction_data(data, str(file_path))
+    return validate_instruction_data(data, str(file_path), fix)
+
+
+# -- which data: COURSE_DATASET -------------------------------------------------------
+
+
+def is_url(text: str) -> bool:
+    """True for an http(s) address, which COURSE_DATASET downloads."""
+    return str(text).strip().lower().startswith(("http://", "https://"))
+
+
+def data_dir() -> Path:
+    """Where downloaded datasets are kept: `data/` in the artifacts folder."""
+    return artifacts.artifacts_dir() / "data"
+
+
+def source_url(dataset: str | None = None) -> str | None:
+    """The address COURSE_DATASET's file is downloaded from (None for a local path)."""
+    dataset = settings.setting("COURSE_DATASET") if dataset is None else dataset
+    if dataset == "book":
+        return DATA_URL
+    if dataset == "alpaca":
+        return ALPACA_URL
+    return dataset.strip() if is_url(dataset) else None
+
+
+def source_file(dataset: str | None = None) -> Path:
+    """Where COURSE_DATASET's file is (or will be, once downloaded) on this machine.
+
+    The book's data is the shipped instruction-data.json; "alpaca" and URLs are
+    cached in `data_dir()`; a relative path counts from the course's folder.
+    """
+    dataset = settings.setting("COURSE_DATASET") if dataset is None else dataset
+    if dataset == "book":
+        return DATA_FILE
+    if dataset == "alpaca":
+        return data_dir() / "alpaca_data.json"
+    if is_url(dataset):
+        return data_dir() / f"{settings.dataset_tag(dataset, 0)}.json"
+    path = Path(dataset.strip()).expanduser()
+    return path if path.is_absolute() else settings.ROOT / path
+
+
+def load_source_data(dataset: str | None = None, show_progress: bool = True) -> list[dict]:
+    """Every entry of COURSE_DATASET's file, validated (downloaded first if needed)."""
+    dataset = settings.setting("COURSE_DATASET") if dataset is None else dataset
+    path, url = source_file(dataset), source_url(dataset)
+    if url is None and not path.exists():
+        raise DatasetError(
+            f'COURSE_DATASET={dataset!r}: there is no file {path}. Use "book", '
+            '"alpaca", the path of a JSON file (a relative path counts from the course '
+            "folder) or an http(s) URL."
+        )
+    if url is None:
+        return load_instruction_data(path, url="", expected_sha256=None)
+    return load_instruction_data(path, url, show_progress=show_progress and dataset != "book")
+
+
+def entry_key(entry: dict) -> tuple[str, str, str]:
+    """What makes two entries the same: the same instruction, input and output."""
+    return entry["instruction"], entry["input"], entry["output"]
+
+
+def find_repeats(data: list[dict]) -> list[tuple[int, int]]:
+    """`(index, index of its first copy)` for every entry that repeats an earlier one."""
+    first: dict[tuple[str, str, str], int] = {}
+    repeats = []
+    for index, entry in enumerate(data):
+        key = entry_key(entry)
+        if key in first:
+            repeats.append((index, first[key]))
+        else:
+            first[key] = index
+    return repeats
+
+
+def drop_repeats(data: list[dict]) -> list[dict]:
+    """`data` without exact repeats (the first copy stays, in file order).
+
+    A repeated entry would otherwise land in the training set and in the test set,
+    so the test would ask what training showed word for word.
+    """
+    repeated = {index for index, _ in find_repeats(data)}
+    return [entry for index, entry in enumerate(data) if index not in repeated]
+
+
+def split_sizes(n: int) -> dict[str, int]:
+    """The book's 85/10/5 split of `n` entries: the sizes `helpers.split_data` makes."""
+    train = int(n * 0.85)
+    test = int(n * 0.1)
+    return {"train": train, "val": n - train - test, "test": test}
+
+
+def minimum_entries(batch_size: int = 8) -> int:
+    """The fewest entries the course runs on: 10 with the book's batch size of 8.
+
+    The training loader drops an incomplete last batch, so the 85 % for training
+    must fill one batch, and validation and test need an entry each.
+    """
+    n = 1
+    while True:
+        sizes = split_sizes(n)
+        if sizes["train"] >= batch_size and sizes["val"] >= 1 and sizes["test"] >= 1:
+            return n
+        n += 1
+
+
+def check_size(n: int, batch_size: int | None = None, what: str = "The dataset") -> None:
+    """Stop with a clear message when `n` entries are too few for the course."""
+    batch_size = settings.setting("COURSE_BATCH_SIZE") if batch_size is None else batch_size
+    needed = minimum_entries(batch_size)
+    if n < needed:
+        sizes = split_sizes(n)
+        raise DatasetError(
+            f"{what} has {n} entries, but the course needs at least {needed}: the 85/10/5 "
+            f"split of {n} gives {sizes['train']} training, {sizes['val']} validation and "
+            f"{sizes['test']} test entries, and training needs one full batch of "
+            f"{batch_size} (COURSE_BATCH_SIZE) plus at least one validation and one test "
+            "entry. Use more data (COURSE_DATA_LIMIT=0 takes every entry) or a smaller "
+            "COURSE_BATCH_SIZE."
+        )
+
+
+def choose_subset(data: list[dict], limit: int, seed: int = SUBSET_SEED) -> list[dict]:
+    """A reproducible random subset of `limit` entries, kept in file order.
+
+    `limit` 0, or at least `len(data)`, keeps every entry. The same data, limit and
+    seed give the same entries on every machine.
+    """
+    if not limit or limit >= len(data):
+        return list(data)
+    chosen = sorted(random.Random(seed).sample(range(len(data)), limit))
+    return [data[index] for index in chosen]
+
+
+def select_entries(
+    data: list[dict], limit: int | None = None, batch_size: int | None = None
+) -> list[dict]:
+    """The entries the course uses: repeats dropped, COURSE_DATA_LIMIT's subset, size checked."""
+    limit = settings.setting("COURSE_DATA_LIMIT") if limit is None else limit
+    distinct = drop_repeats(data)
+    check_size(
+        len(distinct),
+        batch_size,
+        what="The dataset" + (" without repeats" if len(distinct) < len(data) else ""),
+    )
+    chosen = choose_subset(distinct, limit)
+    check_size(len(chosen), batch_size, what=f"COURSE_DATA_LIMIT={limit}'s subset")
+    return chosen
+
+
+def load_course_data(
+    dataset: str | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    show_progress: bool = True,
+) -> list[dict]:
+    """The entries of COURSE_DATASET that the course splits (see `select_entries`)."""
+    return select_entries(load_source_data(dataset, show_progress), limit, batch_size)
+
+
+# -- the split ------------------------------------------------------------------------
 
 
 def data_fingerprint(data: list[dict]) -> str:
@@ -108,10 +292,20 @@ def data_fingerprint(data: list[dict]) -> str:
 
 
 def save_split(data: list[dict], path: str | Path | None = None) -> dict:
-    """Split `data` the book's way and save the three parts with the data's fingerprint."""
-    train_data, val_data, test_data = helpers.split_data(data)
+    """Split `data` the book's way and save the three parts with the data's fingerprint.
+
+    Exact repeats are dropped first, so each distinct entry lands in one split only
+    (`data` from `load_course_data` has none). The file also records which dataset,
+    limit and subset seed the entries came from.
+    """
+    distinct = drop_repeats(data)
+    train_data, val_data, test_data = helpers.split_data(distinct)
     split = {
-        "source_fingerprint": data_fingerprint(data),
+        "dataset": settings.setting("COURSE_DATASET"),
+        "dataset_tag": settings.dataset_tag(),
+        "data_limit": settings.setting("COURSE_DATA_LIMIT"),
+        "subset_seed": SUBSET_SEED,
+        "source_fingerprint": data_fingerprint(distinct),
         "train": train_data,
         "val": val_data,
         "test": test_data,
@@ -123,7 +317,12 @@ def save_split(data: list[dict], path: str | Path | None = None) -> dict:
 def load_split(
     path: str | Path | None = None, data_file: str | Path | None = None
 ) -> tuple[list[dict], list[dict], list[dict]]:
-    """Notebook 01's split; stops when it is missing or the dataset changed since."""
+    """Notebook 01's split of COURSE_DATASET; stops when it is missing or the data changed.
+
+    The entries are recomputed from the dataset's file (`data_file`, by default
+    `source_file()`, when it is on this machine) and compared with the fingerprint
+    saved with the split.
+    """
     path = Path(path or artifacts.split_path())
     notebook = artifacts.WRITTEN_BY["split"]
     split = artifacts.read_json(path, notebook)
@@ -131,14 +330,17 @@ def load_split(
         raise artifacts.ArtifactError(
             f"{path} is not a split written by notebook {notebook}: run it again."
         )
-    data_file = Path(data_file or DATA_FILE)
+    url = "" if data_file is not None else source_url() or ""
+    data_file = Path(data_file) if data_file is not None else source_file()
     if data_file.exists():
+        limit = split.get("data_limit", settings.setting("COURSE_DATA_LIMIT"))
         try:
-            current = data_fingerprint(load_instruction_data(data_file))
+            entries = load_instruction_data(data_file, url=url)
         except DatasetError as exc:
             raise DatasetError(
                 f"{exc}\n(It was readable when notebook {notebook} made the split.)"
             ) from None
+        current = data_fingerprint(choose_subset(drop_repeats(entries), limit))
         if current != split.get("source_fingerprint"):
             raise RuntimeError(
                 f"{data_file.name} has changed since the split in {path} was made. "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 import helpers
-from course.artifacts import read_json, write_json
+from course.artifacts import WRITTEN_BY, ArtifactError, read_json, write_json
 from course.scores import score_summary
 
 OLLAMA_DEFAULT_HOST = "http://localhost:11434"
@@ -41,8 +42,12 @@ def ollama_host(host: str | None = None) -> str:
 
     Reads OLLAMA_HOST the way Ollama does: "localhost", "0.0.0.0:11435" and
     "http://gpu-box:11434" all work; without a scheme the port defaults to 11434.
+    A value that is no address ("localhost:abc", a port above 65535, "ftp://...")
+    raises a JudgeError naming the variable and showing what works.
     """
-    text = (host or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT_HOST).strip().rstrip("/")
+    given = host or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT_HOST
+    source = f"The address {given!r}" if host else f"OLLAMA_HOST={given!r}"
+    text = given.strip().rstrip("/")
     default_port = 11434
     if "://" not in text:
         text = "http://" + text
@@ -51,12 +56,22 @@ def ollama_host(host: str | None = None) -> str:
     elif text.startswith("http://"):
         default_port = 80
     parts = urllib.parse.urlsplit(text)
+    try:
+        port = parts.port
+        if parts.scheme not in ("http", "https") or any(c.isspace() for c in text):
+            raise ValueError(f"{parts.scheme!r} is not http or https")
+    except ValueError as exc:
+        raise JudgeError(
+            f"{source} is not an address of an Ollama server ({exc}). Use a "
+            "host and port such as localhost:11434 or http://192.168.1.20:11434, or unset "
+            "OLLAMA_HOST for the default http://localhost:11434."
+        ) from None
     hostname = parts.hostname or "localhost"
     if hostname in ("0.0.0.0", "::"):  # "listen everywhere" for the server: connect locally
         hostname = "localhost"
     if ":" in hostname:
         hostname = f"[{hostname}]"  # IPv6 address
-    return f"{parts.scheme}://{hostname}:{parts.port or default_port}{parts.path}"
+    return f"{parts.scheme}://{hostname}:{port or default_port}{parts.path}"
 
 
 def ollama_urlopen(request: str | urllib.request.Request, timeout: float):
@@ -68,12 +83,46 @@ def ollama_urlopen(request: str | urllib.request.Request, timeout: float):
     return urllib.request.urlopen(request, timeout=timeout)
 
 
+def _socket_of(response) -> socket.socket | None:
+    """The socket under an http.client response (to shorten its timeout), if reachable."""
+    raw = getattr(getattr(response, "fp", None), "raw", None)
+    sock = getattr(raw, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def read_bounded(response, limit: int, deadline: float, timeout: float):
+    """Yield the body of `response` piece by piece: at most `limit` bytes, until `deadline`.
+
+    Each wait for data lasts at most `timeout` seconds and never past `deadline` (a
+    time.monotonic() value). More than `limit` bytes raises ValueError; passing the
+    deadline raises TimeoutError. So a server that streams forever, fast or one byte
+    at a time, costs at most `limit` bytes of memory and ends at the deadline.
+    """
+    sock, received = _socket_of(response), 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out: the whole answer took longer than the time allowed")
+        if sock is not None:
+            sock.settimeout(min(timeout, remaining))
+        piece = response.read1(min(65536, limit + 1 - received))
+        if not piece:
+            return
+        received += len(piece)
+        if received > limit:
+            raise ValueError(f"the answer is longer than {limit:,} bytes")
+        yield piece
+
+
 def ollama_get(host: str, path: str, timeout: float = 10) -> Any:
-    """GET `host + path` from an Ollama server and decode the JSON answer."""
+    """GET `host + path` from an Ollama server and decode the JSON answer.
+
+    Reads at most MAX_STATUS_BYTES and waits at most `timeout` seconds in all: an
+    answer that is larger, or slower, raises ValueError or TimeoutError.
+    """
+    deadline = time.monotonic() + timeout
     with ollama_urlopen(host + path, timeout) as response:
-        body = response.read(MAX_STATUS_BYTES + 1)
-    if len(body) > MAX_STATUS_BYTES:
-        raise ValueError(f"the answer to {path} is larger than {MAX_STATUS_BYTES} bytes")
+        body = b"".join(read_bounded(response, MAX_STATUS_BYTES, deadline, timeout))
     return json.loads(body.decode("utf-8"))
 
 
@@ -91,22 +140,33 @@ def ollama_status(model: str = "llama3", host: str | None = None, timeout: float
 
     Returns the judge's description that the scores file records (model, tag,
     digest, Ollama version, options). Raises JudgeError saying exactly what to run
-    when no server answers or the model is missing.
+    when no server answers or the model is missing. Each of its two requests waits at
+    most `timeout` seconds (10) in all and reads at most MAX_STATUS_BYTES (1 MB).
     """
     host = ollama_host(host)
+    path = "/api/version"
     try:
-        version = ollama_get(host, "/api/version", timeout)["version"]
-        tags = ollama_get(host, "/api/tags", timeout)
+        version = ollama_get(host, path, timeout)["version"]
+        path = "/api/tags"
+        tags = ollama_get(host, path, timeout)
+        if not isinstance(tags, dict) or not isinstance(tags.get("models"), list):
+            raise ValueError("no list of models")
     except urllib.error.HTTPError as exc:
         raise JudgeError(
             f"Something answers at {host}, but not like an Ollama server (HTTP {exc.code} "
-            "for /api/version). Check OLLAMA_HOST: it must point at Ollama's port "
+            f"for {path}). Check OLLAMA_HOST: it must point at Ollama's port "
             "(11434 unless you changed it)."
         ) from None
-    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # too long, not JSON, wrong fields
+        raise JudgeError(
+            f"Something answers at {host}, but not like an Ollama server: its answer to "
+            f"{path} is not Ollama's ({type(exc).__name__}: {exc}). Check OLLAMA_HOST: it "
+            "must point at Ollama's port (11434 unless you changed it)."
+        ) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise JudgeError(
-            f"No Ollama server answers at {host} ({reason}).\n"
+            f"No Ollama server answers at {host} ({reason}; waited at most {timeout:g} s).\n"
             "- Start it: run `ollama serve` in a terminal (or open the Ollama app), then "
             "run this cell again. Not installed? See https://ollama.com/download.\n"
             "- Running on another port, another machine or in Docker? Point the course at "
@@ -149,47 +209,54 @@ def judge_options(run: int = 0, options: dict | None = None) -> dict:
 def read_chat_stream(request: urllib.request.Request, timeout: float, deadline: float) -> str:
     """Send a streaming /api/chat request and join the content of its NDJSON chunks.
 
-    Stops with a JudgeError when the answer grows past MAX_REPLY_BYTES or the clock
-    passes `deadline` (a time.monotonic() value): a judge that trickles bytes forever
-    is no judge.
+    Waits at most `timeout` seconds for each piece of the answer, reads at most
+    MAX_REPLY_BYTES (1 MB) and stops when the clock passes `deadline` (a
+    time.monotonic() value): a judge that trickles bytes forever, or answers without
+    end, is no judge. Too long an answer raises JudgeError, too slow a TimeoutError.
     """
-    reply, received = "", 0
+    reply, buffer = "", b""
     with ollama_urlopen(request, timeout) as response:
-        while True:
-            raw_line = response.readline(MAX_REPLY_BYTES + 1)
-            if not raw_line:
-                break
-            received += len(raw_line)
-            if received > MAX_REPLY_BYTES:
-                raise JudgeError(
-                    f"The judge's answer is longer than {MAX_REPLY_BYTES} bytes: that is no "
-                    "score. Is OLLAMA_HOST an Ollama server?"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError("timed out: the whole answer took longer than the time allowed")
-            line = raw_line.decode("utf-8", errors="replace").strip()
-            if not line:
-                continue
-            try:
-                chunk = json.loads(line)
-            except json.JSONDecodeError:
-                raise JudgeError(
-                    f"The judge sent a line that is not JSON: {line[:200]!r}"
-                ) from None
-            if not isinstance(chunk, dict):
-                raise JudgeError(f"The judge sent {line[:200]!r}, not an Ollama chat chunk.")
-            if "error" in chunk:  # Ollama reports failures inside a 200 stream like this
-                raise JudgeError(
-                    f"The Ollama server failed while answering: {chunk['error']}\n"
-                    "Look at the server's log (the terminal running `ollama serve`); a model "
-                    "that does not fit in memory fails like this: try a smaller judge model."
-                )
-            message = chunk.get("message")
-            content = message.get("content", "") if isinstance(message, dict) else ""
-            reply += content if isinstance(content, str) else ""
-            if chunk.get("done"):
-                return reply
+        try:
+            for piece in read_bounded(response, MAX_REPLY_BYTES, deadline, timeout):
+                buffer += piece
+                *lines, buffer = buffer.split(b"\n")
+                for raw_line in lines:
+                    content, done = _chat_chunk(raw_line)
+                    reply += content
+                    if done:
+                        return reply
+        except ValueError:
+            raise JudgeError(
+                f"The judge's answer is longer than {MAX_REPLY_BYTES:,} bytes: that is no "
+                "score. Is OLLAMA_HOST an Ollama server?"
+            ) from None
+    if buffer.strip():
+        content, done = _chat_chunk(buffer)
+        if done:
+            return reply + content
     raise ConnectionError("the answer stream ended before its final chunk")
+
+
+def _chat_chunk(raw_line: bytes) -> tuple[str, bool]:
+    """The content of one NDJSON line of Ollama's chat stream, and whether it is the last."""
+    line = raw_line.decode("utf-8", errors="replace").strip()
+    if not line:
+        return "", False
+    try:
+        chunk = json.loads(line)
+    except json.JSONDecodeError:
+        raise JudgeError(f"The judge sent a line that is not JSON: {line[:200]!r}") from None
+    if not isinstance(chunk, dict):
+        raise JudgeError(f"The judge sent {line[:200]!r}, not an Ollama chat chunk.")
+    if "error" in chunk:  # Ollama reports failures inside a 200 stream like this
+        raise JudgeError(
+            f"The Ollama server failed while answering: {chunk['error']}\n"
+            "Look at the server's log (the terminal running `ollama serve`); a model "
+            "that does not fit in memory fails like this: try a smaller judge model."
+        )
+    message = chunk.get("message")
+    content = message.get("content", "") if isinstance(message, dict) else ""
+    return (content if isinstance(content, str) else ""), bool(chunk.get("done"))
 
 
 def query_model(
@@ -205,12 +272,12 @@ def query_model(
     """Send `prompt` to Ollama's chat API and return the reply (the book's function).
 
     As the book: streaming /api/chat at `url` (default: OLLAMA_HOST + "/api/chat")
-    with seed 123, temperature 0 and a 2,048-token context. More robust: at most
-    `timeout` seconds of silence, up to `retries` more attempts (after waiting
-    `backoff`, 2 x `backoff`, ... seconds) when the connection fails or the server
-    answers 5xx, and a JudgeError that says what went wrong otherwise. However the
-    server behaves, one call returns or fails within `max_seconds` (10 minutes by
-    default) and reads at most MAX_REPLY_BYTES of answer.
+    with seed 123, temperature 0 and a 2,048-token context. More robust: it waits at
+    most `timeout` seconds (2 minutes) for each piece of the answer, tries up to
+    `retries` (2) more times (after waiting `backoff`, 2 x `backoff`, ... seconds)
+    when the connection fails or the server answers 5xx, and raises a JudgeError that
+    says what went wrong otherwise. However the server behaves, one call returns or
+    fails within `max_seconds` (10 minutes) and reads at most MAX_REPLY_BYTES (1 MB).
     """
     deadline = time.monotonic() + max_seconds
     url = url or f"{ollama_host()}/api/chat"
@@ -225,14 +292,14 @@ def query_model(
         if attempt > 0:
             wait = backoff * 2 ** (attempt - 1)
             if time.monotonic() + wait >= deadline:
-                break
+                break  # no time left for another attempt
             time.sleep(wait)
         request = urllib.request.Request(
             url, data=payload, method="POST", headers={"Content-Type": "application/json"}
         )
         attempts += 1
         try:
-            remaining = max(1.0, deadline - time.monotonic())
+            remaining = max(0.05, deadline - time.monotonic())
             return read_chat_stream(request, min(timeout, remaining), deadline)
         except urllib.error.HTTPError as exc:
             try:
@@ -254,14 +321,45 @@ def query_model(
     hint = (
         "Is the server running? Check with course.judge.ollama_status()."
         if "timed out" not in problem
-        else f"It did not answer in time (at most {timeout} s of silence, {max_seconds} s in "
-        "all): on a CPU-only machine a large judge is slow, so allow more, e.g. "
-        "query_model(..., timeout=900, max_seconds=1800), or choose a smaller judge."
+        else f"It did not answer in time (it waits at most {timeout:g} s for each piece of "
+        f"the answer and {max_seconds:g} s in all): on a CPU-only machine a large judge is "
+        "slow, so allow more, e.g. query_model(..., timeout=900, max_seconds=1800), or "
+        "choose a smaller judge."
     )
     raise JudgeError(
-        f"No answer from the Ollama server at {url} after {attempts} attempt(s) "
-        f"(last: {problem}). {hint}"
+        f"No answer from the Ollama server at {url} after {attempts} "
+        f"attempt{'s' if attempts != 1 else ''} (last: {problem}). {hint}"
     )
+
+
+def keep_backup(path: str | Path) -> Path:
+    """Copy `path` to backups/<name>.<n><suffix> beside it, n the first number not taken.
+
+    A backup is never overwritten, and backups live in their own folder, so they are
+    never mistaken for a judge's scores file. Returns the backup's path (relative to
+    the file's folder, for messages).
+    """
+    path = Path(path)
+    folder = path.parent / "backups"
+    try:
+        folder.mkdir(exist_ok=True)
+        data = path.read_bytes()
+        number = 1
+        while True:
+            backup = folder / f"{path.stem}.{number}{path.suffix}"
+            try:
+                with open(backup, "xb") as f:  # "x": fails if it exists, so never overwrites
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                return backup.relative_to(path.parent)
+            except FileExistsError:
+                number += 1
+    except OSError as exc:
+        raise ArtifactError(
+            f"Could not keep a backup of {path.name} in {folder} ({exc.strerror}); nothing "
+            "was changed. Free some space or make the folder writable, then run the cell again."
+        ) from None
 
 
 def generate_model_scores(
@@ -271,18 +369,28 @@ def generate_model_scores(
     scores_path: str | Path | None = None,
     run: int = 0,
     url: str | None = None,
-    save_every: int = 1,
+    save_seconds: float = 5.0,
     **query_kwargs,
 ) -> list[int]:
     """Ask the judge to score the response under `json_key` of every entry (the book's).
 
-    Returns the scores it could read, like the book. With `scores_path`, every entry's
-    prompt, raw reply and score are kept in that JSON file (written after every
-    `save_every` entries) with the judge's model, digest, Ollama version and options,
-    and an interrupted scoring resumes: entries already answered for the same prompt
-    are not asked again. `run` numbers repeated scorings of the same responses; run r
-    asks with seed 123 + r (see `judge_options`) and the file keeps the options and
-    Ollama version of each run.
+    Returns the scores it could read, like the book: a score is an integer from 0 to
+    100 (`helpers.parse_score`); any other reply is no score, and is counted as such.
+    With `scores_path` (one file per judge model: `course.artifacts.scores_path`),
+    every entry's prompt, raw reply and score are kept in that JSON file with the
+    judge's model, digest, Ollama version and options. It is written every
+    `save_seconds` (5), at the end, and when the scoring is interrupted or fails, and
+    a scoring run that stopped resumes: entries already answered for the same prompt
+    are not asked again. If the file holds scores made otherwise (another digest of
+    the model, other options, another response key, another Ollama version for this
+    run), it is first copied to a numbered backup (backups/ beside it) that is never
+    overwritten. `run` numbers repeated scorings of the same responses; run r asks
+    with seed 123 + r (see `judge_options`).
+
+    Each entry is one `query_model` call: it waits at most 2 minutes for each piece
+    of the answer and 10 minutes in all (pass `timeout=` and `max_seconds=` to change
+    that), so a judge that hangs stops the scoring with a JudgeError within about 10
+    minutes; what was scored is kept.
     """
     from tqdm import tqdm
 
@@ -305,27 +413,34 @@ def generate_model_scores(
         judge = {key: status[key] for key in ("model", "tag", "digest", "details")}
         judge["options"] = base_options
         if scores_path.exists():
-            record = read_json(scores_path)
-            if record.get("judge") != judge or record.get("json_key") != json_key:
-                backup = scores_path.with_name(scores_path.stem + ".previous.json")
+            record = read_json(scores_path, WRITTEN_BY["scores"])
+            if not isinstance(record, dict) or not isinstance(record.get("runs"), list):
+                backup = keep_backup(scores_path)
+                print(
+                    f"{scores_path.name} is not a scores file: starting anew (the old file "
+                    f"is kept as {backup})."
+                )
+                record = None
+            elif record.get("judge") != judge or record.get("json_key") != json_key:
                 old_judge = record.get("judge") or {}
+                backup = keep_backup(scores_path)
                 print(
                     f"{scores_path.name} holds scores of another judge or response key "
                     f"({old_judge.get('tag')} {str(old_judge.get('digest'))[:12]}, "
                     f"options {old_judge.get('options')}, key {record.get('json_key')!r}): "
-                    f"starting anew (the old file is kept as {backup.name})."
+                    f"starting anew (the old file is kept as {backup})."
                 )
-                os.replace(scores_path, backup)
                 record = None
         if record is None:
             record = {"judge": judge, "json_key": json_key, "runs": []}
         runs = [r for r in record["runs"] if r["run"] == run]
         asked_as = {"ollama_version": status["ollama_version"], "options": run_options}
         if runs and any(runs[0].get(key) != value for key, value in asked_as.items()):
+            backup = keep_backup(scores_path)
             print(
                 f"Run {run} in {scores_path.name} was scored with other options or another "
                 f"Ollama version ({runs[0].get('options')}, {runs[0].get('ollama_version')}): "
-                "scoring it anew."
+                f"scoring it anew (the old file is kept as {backup})."
             )
             record["runs"].remove(runs[0])
             runs = []
@@ -336,30 +451,43 @@ def generate_model_scores(
         this_run = runs[0]
         saved = {e["index"]: e for e in this_run["entries"]}
 
+    def save_progress() -> None:  # what is scored so far, and what was saved beyond it
+        this_run["entries"] = entries + [e for i, e in saved.items() if i >= len(entries)]
+        this_run.pop("summary", None)  # unfinished again until the loop ends
+        write_json(scores_path, record)
+
     entries, scores, asked, reused = [], [], 0, 0
-    for index, entry in enumerate(tqdm(json_data, desc="Scoring entries")):
-        prompt = helpers.judge_prompt(entry, json_key)
-        old = saved.get(index)
-        if old is not None and old["prompt"] == prompt:
-            result = old
-            reused += 1
-        else:
-            reply = query_model(prompt, model, url, **query_kwargs)
-            result = {
-                "index": index,
-                "prompt": prompt,
-                "reply": reply,
-                "score": helpers.parse_score(reply),
-            }
-            asked += 1
-            if result["score"] is None:
-                tqdm.write(f"Could not convert score: {reply!r}")
-        entries.append(result)
-        if result["score"] is not None:
-            scores.append(result["score"])
-        if record is not None and result is not old and asked % save_every == 0:
-            this_run["entries"] = entries + [e for i, e in saved.items() if i > index]
-            write_json(scores_path, record)
+    last_save, unsaved = time.monotonic(), False
+    try:
+        for index, entry in enumerate(tqdm(json_data, desc="Scoring entries")):
+            prompt = helpers.judge_prompt(entry, json_key)
+            old = saved.get(index)
+            if old is not None and old["prompt"] == prompt:
+                result = old
+                reused += 1
+            else:
+                reply = query_model(prompt, model, url, **query_kwargs)
+                result = {
+                    "index": index,
+                    "prompt": prompt,
+                    "reply": reply,
+                    "score": helpers.parse_score(reply),
+                }
+                asked += 1
+                unsaved = True
+                if result["score"] is None:
+                    more = f"... ({len(reply):,} characters)" if len(reply) > 200 else ""
+                    tqdm.write(f"Could not convert score: {reply[:200]!r}{more}")
+            entries.append(result)
+            if result["score"] is not None:
+                scores.append(result["score"])
+            if record is not None and unsaved and time.monotonic() - last_save >= save_seconds:
+                save_progress()
+                last_save, unsaved = time.monotonic(), False
+    except BaseException:  # interrupted, or the judge failed: keep what was scored
+        if record is not None and unsaved:
+            save_progress()
+        raise
     if record is not None:
         this_run["entries"] = entries
         this_run["summary"] = score_summary([e["score"] for e in entries])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,16 @@ OFFLINE_MODEL = "offline (tiny)"
 OFFLINE_CONFIG = {"emb_dim": 64, "n_layers": 2, "n_heads": 2}
 MODEL_NAMES = [*helpers.model_configs, OFFLINE_MODEL]
 
-# name -> (default, what it accepts): a tuple of choices, or (minimum, maximum) numbers
-# given as a dict {"min": ..., "max": ...}; None means any value of the default's type
+# name -> (default, what it accepts): a tuple of choices; numbers from "min" to "max"
+# (a dict; "above_min": the minimum itself is not allowed); "model" (a model name);
+# "nonempty" (any text); "path" (a folder: a relative one counts from the course's
+# folder, not from where Jupyter started); None: any value of the default's type.
+#
+# The ranges keep out values that cannot work, not merely unusual ones. The learning
+# rate is above 0 and at most 1: AdamW fine-tuning uses about 1e-6 to 1e-3 (the book
+# 5e-5), and a value of 1 or more only moves weights to noise (COURSE_LR=1e9 gave NaN
+# losses from step 0). Values in between that still diverge are stopped by training's
+# check for a non-finite loss.
 SPEC: dict[str, tuple[Any, Any]] = {
     "COURSE_MODEL": ("gpt2-medium (355M)", "model"),
     "COURSE_PROMPT_STYLE": ("alpaca", ("alpaca", "phi3")),
@@ -52,6 +61,14 @@ SPEC: dict[str, tuple[Any, Any]] = {
     "COURSE_LORA_ALPHA": (16, {"min": 1, "max": 4096}),
     # which model notebooks 07-09 extract and score: "sft" (notebook 05) or "dpo" (10)
     "COURSE_STAGE": ("sft", ("sft", "dpo")),
+    # where notebooks hand results to each other, and where GPT-2 checkpoints are kept
+    "COURSE_ARTIFACTS": ("artifacts", "path"),
+    "COURSE_MODELS_DIR": ("gpt2", "path"),
+    # notebook 10 (bonus), preference tuning with DPO; the defaults are the book's
+    "COURSE_DPO_BETA": (0.1, {"min": 0.0, "max": 100.0, "above_min": True}),
+    "COURSE_DPO_LR": (5e-6, {"min": 0.0, "max": 1.0, "above_min": True}),
+    "COURSE_DPO_EPOCHS": (1, {"min": 1, "max": 100}),
+    "COURSE_DPO_LIMIT": (0, {"min": 0, "max": 10_000_000}),  # 0: every training pair
 }
 
 
@@ -59,14 +76,33 @@ class SettingError(ValueError):
     """A COURSE_* variable holds a value the course cannot use."""
 
 
+def allowed(name: str) -> str:
+    """What variable `name` accepts, in words (for messages and the README)."""
+    default, accepts = SPEC[name]
+    if accepts is None:
+        return "1 or 0 (yes or no)" if isinstance(default, bool) else f"a {type(default).__name__}"
+    if accepts == "model":
+        return "one of " + ", ".join(f'"{n.split(" ")[0]}"' for n in MODEL_NAMES)
+    if accepts == "nonempty":
+        return "any non-empty text"
+    if accepts == "path":
+        return "a folder (a relative path counts from the course's folder)"
+    if isinstance(accepts, tuple):
+        return "one of " + ", ".join(map(repr, accepts))
+    kind = "a whole number" if isinstance(default, int) else "a number"
+    low = f"above {accepts['min']}" if accepts.get("above_min") else f"from {accepts['min']}"
+    return f"{kind} {low} to {accepts['max']}"
+
+
 def _convert(name: str, raw: str, default: Any) -> Any:
     text = raw.strip()
+    what = allowed(name) if name in SPEC else f"a {type(default).__name__}"
     if isinstance(default, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise SettingError(f"{name}={raw!r} is not a yes/no value: use 1 or 0.")
+        raise SettingError(f"{name}={raw!r} is not a yes/no value: use 1 or 0. Fix or unset it.")
     try:
         if isinstance(default, int):
             return int(text)
@@ -74,14 +110,17 @@ def _convert(name: str, raw: str, default: Any) -> Any:
             return float(text)
     except ValueError:
         raise SettingError(
-            f"{name}={raw!r} is not a valid {type(default).__name__} (default: "
-            f"{default!r}). Fix or unset it."
+            f"{name}={raw!r} is not {what} (default: {default!r}). Fix or unset it."
         ) from None
     return raw
 
 
-def check_value(name: str, value: Any, accepts: Any) -> Any:
-    """`value` if `accepts` (see SPEC) allows it, else a SettingError naming the range."""
+def check_value(name: str, value: Any, accepts: Any, raw: str | None = None) -> Any:
+    """`value` if `accepts` (see SPEC) allows it, else a SettingError naming the range.
+
+    `raw`, the variable's text, is what the message shows (else the value).
+    """
+    shown = repr(raw.strip()) if raw is not None else repr(value)
     if accepts is None:
         return value
     if accepts == "model":
@@ -91,12 +130,20 @@ def check_value(name: str, value: Any, accepts: Any) -> Any:
             raise SettingError(f"{name}: {exc}") from None
     if accepts == "nonempty":
         if not str(value).strip():
-            raise SettingError(f"{name} is empty: name an Ollama model, e.g. llama3.")
+            raise SettingError(f"{name} is empty: set it to {allowed(name)}, or unset it.")
         return value
+    if accepts == "path":
+        path = Path(os.path.expanduser(str(value).strip()))
+        path = path if path.is_absolute() else ROOT / path
+        if path.exists() and not path.is_dir():
+            raise SettingError(
+                f"{name}={shown} is a file, not a folder: set it to {allowed(name)}."
+            )
+        return str(path)
     if isinstance(accepts, tuple):
         if value not in accepts:
             raise SettingError(
-                f"{name}={value!r} is not allowed: use one of {', '.join(map(repr, accepts))}."
+                f"{name}={shown} is not allowed: use one of {', '.join(map(repr, accepts))}."
             )
         return value
     low, high = accepts["min"], accepts["max"]
@@ -105,7 +152,8 @@ def check_value(name: str, value: Any, accepts: Any) -> Any:
     if bad:
         lower = f"above {low}" if accepts.get("above_min") else f"at least {low}"
         raise SettingError(
-            f"{name}={value!r} is out of range: it must be {lower} and at most {high}."
+            f"{name}={shown} is out of range: it must be {lower} and at most {high}. "
+            "Fix or unset it."
         )
     return value
 
@@ -113,20 +161,27 @@ def check_value(name: str, value: Any, accepts: Any) -> Any:
 def setting(name: str, default: Any = None) -> Any:
     """The value of environment variable `name`, converted and checked; else the default.
 
-    For the variables in SPEC the default and the allowed values come from there;
-    others take the type of `default`.
+    For the variables in SPEC the allowed values come from there, and so does the
+    default when none is given; a default given here is checked like a value. Others
+    take the type of `default`. A folder setting ("path" in SPEC) comes back as an
+    absolute path (a string), relative ones counted from the course's folder.
     """
     accepts = None
     if name in SPEC:
         spec_default, accepts = SPEC[name]
         default = spec_default if default is None else default
     raw = os.environ.get(name)
-    value = default if raw is None or raw.strip() == "" else _convert(name, raw, default)
-    return check_value(name, value, accepts)
+    if raw is None or raw.strip() == "":
+        return check_value(name, default, accepts)
+    return check_value(name, _convert(name, raw, default), accepts, raw)
 
 
-def check_all(environ: dict[str, str] | None = None) -> list[str]:
-    """Every problem with the COURSE_* variables in `environ` (os.environ), one line each."""
+def check_all(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Every problem with the COURSE_* variables in `environ` (os.environ), one line each.
+
+    run_course.py calls this before it runs anything, so that a bad value stops the
+    run at once with every problem listed, not hours later in notebook 07.
+    """
     environ = os.environ if environ is None else environ
     problems = []
     for name, (default, accepts) in SPEC.items():
@@ -134,7 +189,7 @@ def check_all(environ: dict[str, str] | None = None) -> list[str]:
         if raw is None or raw.strip() == "":
             continue
         try:
-            check_value(name, _convert(name, raw, default), accepts)
+            check_value(name, _convert(name, raw, default), accepts, raw)
         except SettingError as exc:
             problems.append(str(exc))
     return problems
@@ -202,5 +257,4 @@ def models_dir() -> Path:
 
     A relative path counts from the course's folder, not from where Jupyter started.
     """
-    path = Path(os.environ.get("COURSE_MODELS_DIR") or "gpt2")
-    return path if path.is_absolute() else ROOT / path
+    return Path(setting("COURSE_MODELS_DIR"))

@@ -235,9 +235,7 @@ def load_gpt2(
                 ) from exc
     if source != "safetensors" and why_not_tensorflow is None:
         try:
-            if model_size == "offline":
-                write_offline_gpt2(model_dir)
-            else:
+            if model_size != "offline":
                 download_gpt2_tf_files(model_size, model_dir, base_url, backup_base_url)
         except ConnectionError as exc:
             if source == "tensorflow":
@@ -248,14 +246,16 @@ def load_gpt2(
                 ) from exc
             why_not_tensorflow = f"OpenAI's host and its backup failed. {exc}"
         else:
-            settings = json.loads((model_dir / "hparams.json").read_text())
-            params = load_gpt2_params_from_tf_ckpt(tf_checkpoint_path(model_dir), settings)
+            if model_size == "offline":
+                settings, params = load_offline_gpt2(model_dir, "tensorflow")
+            else:
+                settings, params = read_gpt2_tf_files(model_dir)
             print(f"Loaded {name} from OpenAI's TensorFlow checkpoint (source: tensorflow).")
             return settings, params
     if why_not_tensorflow is not None:
         print(f"{why_not_tensorflow}\nUsing the safetensors checkpoint instead.")
     if model_size == "offline":
-        write_offline_gpt2(model_dir, fmt="safetensors")
+        settings, params = load_offline_gpt2(model_dir, "safetensors")
     else:
         try:
             download_gpt2_safetensors(model_size, model_dir, safetensors_base_url)
@@ -269,7 +269,7 @@ def load_gpt2(
                 "example copied from a machine that has them) and run the cell again, or "
                 "choose the offline model."
             ) from exc
-    settings, params = load_gpt2_from_safetensors(model_dir)
+        settings, params = load_gpt2_from_safetensors(model_dir)
     print(f"Loaded {name} from the safetensors checkpoint (source: safetensors).")
     return settings, params
 
@@ -317,6 +317,66 @@ def download_gpt2_safetensors(
     return model_dir
 
 
+class DamagedCheckpoint(RuntimeError):
+    """A GPT-2 checkpoint's files are there but cannot be read (cut off or corrupted)."""
+
+
+def read_gpt2_tf_files(model_dir: str | Path) -> tuple[dict, dict]:
+    """`(settings, params)` from OpenAI's seven files in `model_dir`.
+
+    Missing files raise FileNotFoundError, damaged ones DamagedCheckpoint; both name
+    the folder and say to delete it.
+    """
+    model_dir = Path(model_dir)
+    settings = read_settings_json(model_dir / "hparams.json", HPARAMS_KEYS)
+    return settings, load_gpt2_params_from_tf_ckpt(tf_checkpoint_path(model_dir), settings)
+
+
+HPARAMS_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+
+
+def read_settings_json(path: Path, keys: tuple[str, ...]) -> dict:
+    """A checkpoint's JSON settings file (hparams.json, config.json), checked for `keys`."""
+    fix = f"Delete the folder {path.parent} and run the cell again to download it anew."
+    if not path.exists():
+        raise FileNotFoundError(f"{path.name} is missing in {path.parent}. {fix}")
+    try:
+        settings = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedCheckpoint(f"{path} is damaged ({exc}). {fix}") from None
+    missing = [key for key in keys if not isinstance(settings, dict) or key not in settings]
+    if missing:
+        raise DamagedCheckpoint(f"{path} lacks {', '.join(missing)}: it is damaged. {fix}")
+    return settings
+
+
+def load_offline_gpt2(model_dir: str | Path, fmt: str = "tensorflow") -> tuple[dict, dict]:
+    """Write the offline model's files if needed and read them; damaged files are rewritten.
+
+    The offline model is made on this machine, so files cut off by an interrupted
+    write or a full disk are simply written again (a real download says to delete
+    the folder instead).
+    """
+    model_dir = Path(model_dir)
+
+    def read():
+        if fmt == "tensorflow":
+            return read_gpt2_tf_files(model_dir)
+        return load_gpt2_from_safetensors(model_dir)
+
+    write_offline_gpt2(model_dir, fmt=fmt)
+    try:
+        return read()
+    except (DamagedCheckpoint, FileNotFoundError, ValueError) as exc:
+        reason = str(exc).splitlines()[0]
+        print(f"The offline model's files in {model_dir} are damaged ({reason}).")
+        print("Writing them anew.")
+        for name in GPT2_FILES if fmt == "tensorflow" else SAFETENSORS_FILES:
+            (model_dir / name).unlink(missing_ok=True)
+        write_offline_gpt2(model_dir, fmt=fmt)
+        return read()
+
+
 def tf_checkpoint_path(model_dir: str | Path) -> str:
     """The checkpoint prefix (".../model.ckpt") that TensorFlow reads."""
     import tensorflow as tf
@@ -335,10 +395,11 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path: str, settings: dict) -> dict:
     try:
         return helpers.load_gpt2_params_from_tf_ckpt(ckpt_path, settings)
     except Exception as exc:  # TensorFlow raises several error types here
-        raise RuntimeError(
-            f"Could not read the TensorFlow checkpoint {ckpt_path}: {exc}\n"
-            "The files are probably incomplete or corrupted: delete the folder and run "
-            "the cell again to download them anew."
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DamagedCheckpoint(
+            f"Could not read the TensorFlow checkpoint {ckpt_path}: {reason}\n"
+            "The files are probably incomplete or corrupted: delete the folder "
+            f"{Path(ckpt_path).parent} and run the cell again to download them anew."
         ) from None
 
 
@@ -367,7 +428,12 @@ def load_gpt2_from_safetensors(model_dir: str | Path) -> tuple[dict, dict]:
     from safetensors.numpy import load_file
 
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_settings_json(model_dir / "config.json", ("vocab_size", "n_embd", "n_head"))
+    if "n_layer" not in config or ("n_ctx" not in config and "n_positions" not in config):
+        raise DamagedCheckpoint(
+            f"{model_dir / 'config.json'} is not a GPT-2 configuration (it lacks n_layer or "
+            f"n_positions). Delete the folder {model_dir} and run the cell again."
+        )
     settings = {
         "n_vocab": config["vocab_size"],
         "n_ctx": config.get("n_ctx", config["n_positions"]),
@@ -378,7 +444,7 @@ def load_gpt2_from_safetensors(model_dir: str | Path) -> tuple[dict, dict]:
     try:
         tensors = load_file(str(model_dir / "model.safetensors"))
     except Exception as exc:  # the safetensors package has its own error type
-        raise RuntimeError(
+        raise DamagedCheckpoint(
             f"Could not read {model_dir / 'model.safetensors'}: {exc}\n"
             "The file is probably incomplete or corrupted: delete it and run the cell "
             "again to download it anew."

@@ -9,15 +9,16 @@ from __future__ import annotations
 import pytest
 
 import helpers
+from course import weights
 
 
 @pytest.fixture(scope="session")
 def offline_gpt2_files(tmp_path_factory) -> dict[str, bytes]:
-    """{file name: bytes} of the offline checkpoint (helpers.write_offline_gpt2)."""
+    """{file name: bytes} of the offline checkpoint (course.weights.write_offline_gpt2)."""
     # a fixed folder under the session's base temp: modules importing this fixture
     # share it, and write_offline_gpt2 keeps files that are already there
     model_dir = tmp_path_factory.getbasetemp() / "offline-gpt2-source"
-    helpers.write_offline_gpt2(model_dir)
+    weights.write_offline_gpt2(model_dir)
     files = {name: (model_dir / name).read_bytes() for name in helpers.GPT2_FILES}
     assert all(files.values()), "write_offline_gpt2 wrote an empty file"
     return files

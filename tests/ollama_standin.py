@@ -22,17 +22,29 @@ an offset from -n to n taken from the SHA-256 of the request's `options.seed` an
 prompt, and is kept within 0-100. The same request always gets the same answer; the
 same prompt with another seed (another scoring run) usually another one.
 
-Tests switch on faults with `set_fault`: "error-mid-stream" (an {"error": ...} line
-after part of the answer), "http-500" (a 500 answer), "disconnect" (the connection
-closes without an answer), "slow" (waits `delay` seconds first), "no-number" (a
-reply with no score in it). Each applies to the next `times` chat requests (None:
-all of them). Run it by hand with `python tests/ollama_standin.py --port 11434`.
+Tests switch on faults with `set_fault`, each as a misbehaving server shows it:
+
+- "error-mid-stream": an {"error": ...} line after part of the answer;
+- "http-500": a 500 answer; "disconnect": the connection closes without an answer;
+- "slow": waits `delay` seconds before answering;
+- "no-number": a reply with no score in it;
+- "huge-reply": a reply of `size` digits (default 5,000: more than Python's int()
+  converts), streamed in the usual chunks;
+- "trickle": /api/chat answers 200 and then sends its chunks one byte at a time,
+  `delay` seconds apart, forever (an answer without end);
+- "endless-version": GET /api/version answers 200 and streams `{"version": "0.`
+  followed by digits forever, `size` bytes (default 64 KiB) every `delay` seconds.
+
+Each applies to the next `times` requests of its endpoint (None: all of them).
+`sent_bytes` counts what the endless faults sent. Run it by hand with
+`python tests/ollama_standin.py --port 11434`.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import re
 import threading
@@ -59,7 +71,18 @@ MODELS = [
         },
     }
 ]
-FAULTS = ("error-mid-stream", "http-500", "disconnect", "slow", "no-number")
+# fault -> the endpoint it affects
+FAULTS = {
+    "error-mid-stream": "chat",
+    "http-500": "chat",
+    "disconnect": "chat",
+    "slow": "chat",
+    "no-number": "chat",
+    "huge-reply": "chat",
+    "trickle": "chat",
+    "endless-version": "version",
+}
+HUGE_REPLY_DIGITS = 5000
 NO_NUMBER_REPLY = "I cannot rate this response without more context."
 OTHER_PROMPT_REPLY = "I am a stand-in for a language model and only score responses."
 
@@ -132,6 +155,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
+    def _stream_forever(self, first: bytes, then, delay: float, content_type="application/json"):
+        """Answer 200 and send `first`, then the pieces of `then` (bytes: repeated) forever.
+
+        Ends only when the client goes away (or the server stops)."""
+        owner = self.server.owner
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        pieces = itertools.chain(
+            [first], itertools.repeat(then) if isinstance(then, bytes) else then
+        )
+        try:
+            for piece in pieces:
+                if owner.stopping.is_set():
+                    break
+                if not piece:
+                    continue  # an empty chunk would end the answer
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                self.wfile.flush()
+                owner.count_sent(len(piece))
+                if delay:
+                    time.sleep(delay)
+        except OSError:  # the client closed the connection: what a real server sees too
+            pass
+        self.close_connection = True
+
     # -- GET --------------------------------------------------------------
     def do_GET(self):
         owner = self.server.owner
@@ -144,7 +194,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
         elif self.path == "/api/version":
-            self._send_json(200, {"version": owner.version})
+            fault, delay, size = owner.take_fault("version")
+            if fault == "endless-version":
+                self._stream_forever(b'{"version": "0.', b"1" * (size or 65536), delay)
+            else:
+                self._send_json(200, {"version": owner.version})
         elif self.path == "/api/tags":
             self._send_json(200, {"models": owner.models})
         else:
@@ -176,7 +230,19 @@ class _Handler(BaseHTTPRequestHandler):
         messages = body.get("messages") or []
         prompt = messages[-1].get("content", "") if messages else ""
 
-        fault, delay = owner.take_fault()
+        fault, delay, size = owner.take_fault("chat")
+        if fault == "trickle":
+            line = json.dumps(
+                {
+                    "model": model,
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": "5"},
+                    "done": False,
+                }
+            )
+            one_byte_at_a_time = (bytes([b]) for b in itertools.cycle((line + "\n").encode()))
+            self._stream_forever(b"", one_byte_at_a_time, delay, "application/x-ndjson")
+            return
         if fault == "slow":
             time.sleep(delay)
         if fault == "disconnect":
@@ -188,6 +254,9 @@ class _Handler(BaseHTTPRequestHandler):
         seed = (body.get("options") or {}).get("seed")
         if fault == "no-number":
             reply = NO_NUMBER_REPLY
+        elif fault == "huge-reply":
+            digits = size or HUGE_REPLY_DIGITS
+            reply = ("1234567890" * (digits // 10 + 1))[:digits]
         else:
             reply = judge_reply(prompt, seed, owner.noise)
         final = {
@@ -265,6 +334,9 @@ class OllamaStandIn:
         self._fault: str | None = None
         self._fault_times: int | None = None
         self._delay = 0.0
+        self._size: int | None = None
+        self.sent_bytes = 0
+        self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", port), _Handler)
         self._server.owner = self
@@ -283,6 +355,7 @@ class OllamaStandIn:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()  # ends the endless answers still being sent
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
@@ -295,12 +368,19 @@ class OllamaStandIn:
         self.stop()
 
     # -- behaviour switches -------------------------------------------------
-    def set_fault(self, fault: str | None, times: int | None = None, delay: float = 0.0) -> None:
-        """Misbehave in the way `fault` names for the next `times` chat requests."""
+    def set_fault(
+        self,
+        fault: str | None,
+        times: int | None = None,
+        delay: float = 0.0,
+        size: int | None = None,
+    ) -> None:
+        """Misbehave in the way `fault` names for the next `times` requests it affects."""
         if fault is not None and fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}: use one of {FAULTS}")
+            raise ValueError(f"unknown fault {fault!r}: use one of {', '.join(FAULTS)}")
         with self._lock:
             self._fault, self._fault_times, self._delay = fault, times, delay
+            self._size = size
 
     def set_noise(self, noise: int) -> None:
         """Move every score by a reproducible offset from -noise to noise (0: exact)."""
@@ -308,14 +388,21 @@ class OllamaStandIn:
             raise ValueError("noise must be 0 or more")
         self.noise = noise
 
-    def take_fault(self) -> tuple[str | None, float]:
+    def take_fault(self, endpoint: str) -> tuple[str | None, float, int | None]:
+        """The fault for this request of `endpoint` ("chat" or "version"), its delay and size."""
         with self._lock:
-            fault, delay = self._fault, self._delay
-            if fault is not None and self._fault_times is not None:
+            fault = self._fault
+            if fault is None or FAULTS[fault] != endpoint:
+                return None, 0.0, None
+            if self._fault_times is not None:
                 self._fault_times -= 1
                 if self._fault_times <= 0:
                     self._fault = None
-            return fault, delay
+            return fault, self._delay, self._size
+
+    def count_sent(self, n: int) -> None:
+        with self._lock:
+            self.sent_bytes += n
 
     def find_model(self, name: str) -> dict | None:
         wanted = {name} if ":" in name else {name, name + ":latest"}

@@ -1,4 +1,4 @@
-"""Repeated judge runs and paired comparisons of two response sets (helpers.py section 9).
+"""Repeated judge runs and paired comparisons of two response sets (course/scores.py).
 
 The expected numbers are computed here from the stand-in's documented rule, not read
 back from helpers: a judge prompt scores round(100 x F1) of the words (lower case,
@@ -17,10 +17,12 @@ import pytest
 from ollama_standin import MODELS, OllamaStandIn, judge_reply
 
 import helpers
+from course import judge, scores, settings
+from course.artifacts import ArtifactError
 
 TASKS = [
     {key: entry[key] for key in ("instruction", "input", "output")}
-    for entry in json.loads((helpers.HERE / "book-reference-responses.json").read_text())
+    for entry in json.loads((settings.ROOT / "book-reference-responses.json").read_text())
 ]
 WORDS = [re.findall(r"\w+", task["output"].lower()) for task in TASKS]
 
@@ -51,7 +53,7 @@ def noisy(score: int, seed: int, prompt: str, noise: int = 3) -> int:
 
 def score_runs(entries, path, runs) -> None:
     for run in runs:
-        helpers.generate_model_scores(entries, "model_response", scores_path=path, run=run)
+        judge.generate_model_scores(entries, "model_response", scores_path=path, run=run)
 
 
 def synthetic_record(runs: list[list[int | None]], outputs=None, digest="d" * 64) -> dict:
@@ -63,14 +65,14 @@ def synthetic_record(runs: list[list[int | None]], outputs=None, digest="d" * 64
             "tag": "llama3:latest",
             "digest": digest,
             "details": {},
-            "options": dict(helpers.JUDGE_OPTIONS),
+            "options": dict(judge.JUDGE_OPTIONS),
         },
         "json_key": "model_response",
         "runs": [
             {
                 "run": r,
                 "ollama_version": "0.1.0",
-                "options": helpers.judge_options(r),
+                "options": judge.judge_options(r),
                 "entries": [
                     {
                         "index": i,
@@ -86,11 +88,11 @@ def synthetic_record(runs: list[list[int | None]], outputs=None, digest="d" * 64
                         "reply": str(score),
                         "score": score,
                     }
-                    for i, (score, output) in enumerate(zip(scores, outputs, strict=True))
+                    for i, (score, output) in enumerate(zip(run_scores, outputs, strict=True))
                 ],
-                "summary": helpers.score_summary(scores),
+                "summary": scores.score_summary(run_scores),
             }
-            for r, scores in enumerate(runs)
+            for r, run_scores in enumerate(runs)
         ],
     }
 
@@ -121,10 +123,10 @@ def test_known_paired_difference_through_the_standin(ollama_standin, tmp_path):
     score_runs(half_set(), tmp_path / "b.json", [0])
     expected_b = half_set_scores()
     expected_d = np.array([100 - s for s in expected_b], dtype=float)
-    assert helpers.load_scores(tmp_path / "a.json") == [100] * len(TASKS)
-    assert helpers.load_scores(tmp_path / "b.json") == expected_b
+    assert scores.load_scores(tmp_path / "a.json") == [100] * len(TASKS)
+    assert scores.load_scores(tmp_path / "b.json") == expected_b
 
-    result = helpers.compare_scores(tmp_path / "a.json", tmp_path / "b.json", names=("A", "B"))
+    result = scores.compare_scores(tmp_path / "a.json", tmp_path / "b.json", names=("A", "B"))
     assert result["entries"] == result["paired"] == 110 and result["left_out"] == 0
     assert [d["difference"] for d in result["differences"]] == expected_d.tolist()
     assert result["average_a"] == 100
@@ -144,10 +146,10 @@ def test_known_paired_difference_through_the_standin(ollama_standin, tmp_path):
     assert result["run_spread"] == [None, None] and result["judge_noise"] is None
     assert any("one run" in note for note in result["notes"])
     assert not any("this small" in note for note in result["notes"])
-    report = helpers.format_comparison(result)
+    report = scores.format_comparison(result)
     assert "+39.72 points" in report and result["verdict"] in report
 
-    reverse = helpers.compare_scores(tmp_path / "b.json", tmp_path / "a.json", names=("B", "A"))
+    reverse = scores.compare_scores(tmp_path / "b.json", tmp_path / "a.json", names=("B", "A"))
     assert reverse["mean_difference"] == pytest.approx(-expected_d.mean())
     assert reverse["ci95"][1] < 0 and reverse["b_higher"] == result["a_higher"]
     assert reverse["verdict"].startswith("A scores 39.72 points higher than B")
@@ -157,12 +159,11 @@ def test_identical_sets_differ_by_zero_within_noise(ollama_standin, tmp_path):
     # two runs of the course that produced the same responses, scored separately
     score_runs(half_set(), tmp_path / "first.json", [0])
     score_runs(half_set(), tmp_path / "second.json", [0])
-    result = helpers.compare_scores(tmp_path / "first.json", tmp_path / "second.json")
+    result = scores.compare_scores(tmp_path / "first.json", tmp_path / "second.json")
     assert result["mean_difference"] == 0 and result["standard_error"] == 0
     assert result["ci95"] == [0, 0]
     assert result["ties"] == 110 and result["within_noise"] is True
     assert result["verdict"].startswith("Within the judge's noise: the 95% interval")
-    assert any("this small is within what the book's runs" in n for n in result["notes"])
 
 
 # -- repeated runs ----------------------------------------------------------------------
@@ -187,7 +188,7 @@ def test_repeated_runs_record_mean_std_and_the_entries_that_vary(ollama_standin,
     assert [body["options"]["seed"] for body in ollama_standin.chat_requests] == (
         [123] * 110 + [124] * 110 + [125] * 110
     )
-    np.testing.assert_array_equal(helpers.score_table(path), expected)
+    np.testing.assert_array_equal(scores.score_table(path), expected)
 
     record = json.loads(path.read_text())
     assert [run["options"]["seed"] for run in record["runs"]] == [123, 124, 125]
@@ -199,7 +200,7 @@ def test_repeated_runs_record_mean_std_and_the_entries_that_vary(ollama_standin,
     assert record["summary"]["std"] == pytest.approx(averages.std(ddof=1))
     assert record["summary"]["std"] > 0
 
-    summary = helpers.summarize_runs(path, top=5)
+    summary = scores.summarize_runs(path, top=5)
     assert summary["runs"] == 3 and summary["seeds"] == [123, 124, 125]
     assert summary["mean"] == pytest.approx(averages.mean())
     assert summary["std"] == pytest.approx(averages.std(ddof=1))
@@ -210,18 +211,18 @@ def test_repeated_runs_record_mean_std_and_the_entries_that_vary(ollama_standin,
     assert [item["index"] for item in summary["most_varying"]] == top
     assert summary["most_varying"][0]["scores"] == expected[:, top[0]].astype(int).tolist()
     assert summary["most_varying"][0]["range"] == ranges.max() <= 6
-    text = helpers.format_run_summary(summary, "set B")
+    text = scores.format_run_summary(summary, "set B")
     assert f"average {averages.mean():.2f} ± {averages.std(ddof=1):.2f}" in text
     assert "set B: 3 runs (seeds [123, 124, 125])" in text
 
 
 def test_one_run_says_the_spread_is_not_measured(ollama_standin, tmp_path):
     score_runs(half_set(), tmp_path / "b.json", [0])
-    summary = helpers.summarize_runs(tmp_path / "b.json")
+    summary = scores.summarize_runs(tmp_path / "b.json")
     assert summary["runs"] == 1 and summary["std"] is None and summary["spread"] is None
     assert summary["mean"] == pytest.approx(np.mean(half_set_scores()))
     assert summary["most_varying"] == []
-    assert "One run cannot show" in helpers.format_run_summary(summary)
+    assert "One run cannot show" in scores.format_run_summary(summary)
 
 
 def test_known_difference_with_a_noisy_judge(ollama_standin, tmp_path):
@@ -232,7 +233,7 @@ def test_known_difference_with_a_noisy_judge(ollama_standin, tmp_path):
     table_b = expected_noisy_table(half_set(), [123, 124, 125])
     expected_d = table_a.mean(axis=0) - table_b.mean(axis=0)  # per entry, over the runs
 
-    result = helpers.compare_scores(tmp_path / "a.json", tmp_path / "b.json")
+    result = scores.compare_scores(tmp_path / "a.json", tmp_path / "b.json")
     assert result["runs"] == [3, 3]
     assert result["mean_difference"] == pytest.approx(expected_d.mean())
     # near the exact 39.72: the noise averages out, but set A's 100s can only move down
@@ -256,7 +257,7 @@ def test_the_same_responses_scored_again_are_within_noise(ollama_standin, tmp_pa
     expected_d = first.mean(axis=0) - second.mean(axis=0)
     assert expected_d.any()  # the judge's noise makes them differ a little
 
-    result = helpers.compare_scores(tmp_path / "first.json", tmp_path / "second.json")
+    result = scores.compare_scores(tmp_path / "first.json", tmp_path / "second.json")
     assert result["mean_difference"] == pytest.approx(expected_d.mean())
     assert abs(result["mean_difference"]) < 0.5
     assert result["ci95"][0] <= 0 <= result["ci95"][1]
@@ -268,7 +269,7 @@ def test_difference_below_the_run_spread_is_within_noise():
     base = [40, 55, 60, 70, 35, 80, 65, 50, 45, 75]
     a = synthetic_record([[s + 3 for s in base], [s - 1 for s in base]])  # runs 4 apart
     b = synthetic_record([base, base])
-    result = helpers.compare_scores(a, b)
+    result = scores.compare_scores(a, b)
     assert result["mean_difference"] == pytest.approx(1.0)  # every entry +1
     assert result["ci95"] == pytest.approx([1.0, 1.0])  # the interval excludes 0 ...
     assert result["run_spread"] == pytest.approx([4.0, 0.0])
@@ -276,7 +277,7 @@ def test_difference_below_the_run_spread_is_within_noise():
     assert "no larger than the 4.00 points" in result["verdict"]
 
     c = synthetic_record([[s + 6 for s in base], [s + 4 for s in base]])  # +5, runs 2 apart
-    beyond = helpers.compare_scores(c, b, names=("C", "B"))
+    beyond = scores.compare_scores(c, b, names=("C", "B"))
     assert beyond["mean_difference"] == pytest.approx(5.0)
     assert beyond["within_noise"] is False
     assert beyond["verdict"].startswith("C scores 5.00 points higher than B")
@@ -286,12 +287,12 @@ def test_unreadable_scores_are_left_out_of_the_pairs(ollama_standin, tmp_path):
     score_runs(full_set(), tmp_path / "a.json", [0])
     ollama_standin.set_fault("no-number", times=2)
     score_runs(half_set(), tmp_path / "b.json", [0])
-    result = helpers.compare_scores(tmp_path / "a.json", tmp_path / "b.json")
+    result = scores.compare_scores(tmp_path / "a.json", tmp_path / "b.json")
     assert result["paired"] == 108 and result["left_out"] == 2
     assert [d["index"] for d in result["differences"]][:2] == [2, 3]
     expected_d = [100 - s for s in half_set_scores()[2:]]
     assert result["mean_difference"] == pytest.approx(np.mean(expected_d))
-    assert "2 without a readable score left out" in helpers.format_comparison(result)
+    assert "2 without a readable score left out" in scores.format_comparison(result)
 
 
 # -- what the scores file records --------------------------------------------------------
@@ -311,17 +312,8 @@ def test_scores_file_records_the_judge_and_each_run(ollama_standin, tmp_path):
     for run, seed in zip(record["runs"], (123, 124), strict=True):
         assert run["ollama_version"] == ollama_standin.version == "0.0.0"
         assert run["options"] == {"seed": seed, "temperature": 0, "num_ctx": 2048}
-    assert helpers.judge_options(2) == {"seed": 125, "temperature": 0, "num_ctx": 2048}
-    assert helpers.judge_options(1, {"temperature": 0.7}) == {"temperature": 0.7}
-
-
-def test_the_standin_is_told_from_a_real_judge(ollama_standin):
-    judge = helpers.ollama_status("llama3")
-    assert helpers.is_standin_judge(judge) and helpers.default_judge_runs(judge) == 1
-    real = [dict(MODELS[0], digest="365c0bd3c000" + "a" * 52)]
-    with OllamaStandIn(models=real) as other:
-        judge = helpers.ollama_status("llama3", other.url)
-    assert not helpers.is_standin_judge(judge) and helpers.default_judge_runs(judge) == 3
+    assert judge.judge_options(2) == {"seed": 125, "temperature": 0, "num_ctx": 2048}
+    assert judge.judge_options(1, {"temperature": 0.7}) == {"temperature": 0.7}
 
 
 def test_a_run_asked_of_another_ollama_version_is_scored_anew(tmp_path, monkeypatch, capsys):
@@ -348,36 +340,36 @@ def test_a_run_of_older_responses_is_refused(ollama_standin, tmp_path):
     entries[2]["model_response"] = "something else"  # notebook 07 ran again
     score_runs(entries, path, [0])
     with pytest.raises(ValueError, match=r"Run 1 scored other responses.*run=1"):
-        helpers.summarize_runs(path)
+        scores.summarize_runs(path)
     score_runs(entries, path, [1])
-    assert helpers.summarize_runs(path)["runs"] == 2
+    assert scores.summarize_runs(path)["runs"] == 2
 
 
 def test_an_unfinished_run_is_refused():
     record = synthetic_record([[50, 60, 70], [50, 60, 70]])
     del record["runs"][1]["summary"]
     with pytest.raises(ValueError, match=r"Run 1 is unfinished.*run=1"):
-        helpers.summarize_runs(record)
+        scores.summarize_runs(record)
 
 
 def test_comparing_other_test_entries_is_refused():
     a = synthetic_record([[50, 60, 70]], outputs=["x", "y", "z"])
     with pytest.raises(ValueError, match="Entry 1 is another test entry"):
-        helpers.compare_scores(a, synthetic_record([[50, 60, 70]], outputs=["x", "w", "z"]))
+        scores.compare_scores(a, synthetic_record([[50, 60, 70]], outputs=["x", "w", "z"]))
     with pytest.raises(ValueError, match="has 3 scored entries and B 2"):
-        helpers.compare_scores(a, synthetic_record([[50, 60]], outputs=["x", "y"]))
+        scores.compare_scores(a, synthetic_record([[50, 60]], outputs=["x", "y"]))
 
 
 def test_comparing_files_of_different_judges_says_so():
     a = synthetic_record([[50, 60, 70, 80]], digest="a" * 64)
     b = synthetic_record([[50, 60, 70, 80]], digest="b" * 64)
-    result = helpers.compare_scores(a, b)
+    result = scores.compare_scores(a, b)
     assert any("different judge models" in note for note in result["notes"])
 
 
 def test_missing_scores_file_names_the_notebook(tmp_path):
     with pytest.raises(FileNotFoundError, match="09_scoring_the_responses"):
-        helpers.compare_scores(tmp_path / "none.json", tmp_path / "none.json")
+        scores.compare_scores(tmp_path / "none.json", tmp_path / "none.json")
     (tmp_path / "empty.json").write_text("{}")
-    with pytest.raises(ValueError, match="holds no scoring runs"):
-        helpers.summarize_runs(tmp_path / "empty.json")
+    with pytest.raises(ArtifactError, match="holds no scoring runs"):
+        scores.summarize_runs(tmp_path / "empty.json")

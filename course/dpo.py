@@ -1,0 +1,750 @@
+"""Preference tuning with DPO (notebook 10, the bonus): the book's code and a resumable trainer.
+
+Direct Preference Optimization trains a *policy* (the fine-tuned model of notebook 05)
+to give a preferred response more probability than a rejected one, measured against a
+frozen *reference* copy of the same model. Three parts:
+
+- the book's bonus code, with its names (`PreferenceDataset`, `custom_collate_fn`,
+  `compute_logprobs`, `compute_dpo_loss`, `compute_dpo_loss_batch`,
+  `compute_dpo_loss_loader`, `evaluate_dpo_loss_loader`, `train_model_dpo_simple`):
+  notebook 10 writes each of them in a cell and checks that it equals the copy here;
+- the fast path: `compute_dpo_loss_batch_fast` gives the same loss with one forward
+  pass for the chosen and rejected responses together and the output layer only
+  where a response token is scored;
+- `train_model_dpo`: `train_model_dpo_simple` with a progress bar, mixed precision,
+  checkpoints (an interrupted run continues exactly where it stopped) and a stop at
+  the first loss that is not a finite number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+import helpers
+from course import settings
+from course.artifacts import sha256_of_file, torch_save
+from course.speed import autocast_context, forward
+from course.training import get_rng_states, print_sample, set_rng_states
+from course.weights import load_state_dict_checked, read_pth
+
+NOTEBOOK = "10_preference_tuning_with_dpo"
+PREFERENCE_DATA_FILE = settings.ROOT / "instruction-data-with-preference.json"
+# the book's bonus material's file, as the course ships it
+PREFERENCE_DATA_SHA256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
+PREFERENCE_FIELDS = ("instruction", "input", "chosen", "rejected")
+MIN_ENTRIES = 20  # the smallest file whose 85/10/5 split leaves every part non-empty
+
+# the book's bonus run (GPT-2 medium fine-tuned as in chapter 7, beta 0.1, AdamW lr 5e-6,
+# weight decay 0.01, one epoch, evaluation every 5 steps on 5 batches)
+BOOK_DPO_RUN = {
+    0: {"train_loss": 0.692, "val_loss": 0.693, "train_margin": 0.014, "val_margin": 0.006},
+    35: {"train_loss": 0.668, "val_loss": 0.672, "train_margin": 0.529, "val_margin": 0.435},
+    65: {"train_loss": 0.629, "val_loss": 0.645, "train_margin": 1.452, "val_margin": 1.070},
+}
+
+
+class PreferenceDataError(ValueError):
+    """The preference data file is not what notebook 10 expects."""
+
+
+def load_preference_data(
+    path: str | Path = PREFERENCE_DATA_FILE, expected_sha256: str | None = None
+) -> list[dict]:
+    """Load and check the preference data: a list of entries with `instruction`, `input`,
+    `chosen` and `rejected` strings.
+
+    The course's own file is checked against its SHA-256 (pass `expected_sha256` to
+    check another file too); a damaged file or entry names itself and the fix.
+    """
+    path = Path(path)
+    if expected_sha256 is None and path.resolve() == PREFERENCE_DATA_FILE.resolve():
+        expected_sha256 = PREFERENCE_DATA_SHA256
+    restore = (
+        "Restore the course's copy (for example `git checkout -- "
+        f"{PREFERENCE_DATA_FILE.name}`, or download the course again)."
+    )
+    if not path.exists():
+        raise PreferenceDataError(f"{path} was not found. {restore}")
+    if expected_sha256 is not None and sha256_of_file(path) != expected_sha256:
+        raise PreferenceDataError(
+            f"{path} is not the expected file (its SHA-256 differs): it was changed or "
+            f"damaged. {restore}"
+        )
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PreferenceDataError(f"{path} is not valid JSON text ({exc}). {restore}") from None
+    if not isinstance(data, list):
+        raise PreferenceDataError(f"{path}: expected a JSON list of entries.")
+    for index, entry in enumerate(data):
+        for field in PREFERENCE_FIELDS:
+            if not isinstance(entry, dict) or not isinstance(entry.get(field), str):
+                raise PreferenceDataError(
+                    f'{path}: entry {index} has no string field "{field}". Every entry needs '
+                    '"instruction", "input" (may be ""), "chosen" and "rejected".'
+                )
+    if len(data) < MIN_ENTRIES:
+        raise PreferenceDataError(
+            f"{path} has {len(data)} entries; the 85/10/5 split needs at least {MIN_ENTRIES}."
+        )
+    return data
+
+
+# ---------------------------------------------------------------------------------
+# The book's bonus code (notebook 10 writes each function and checks it equals this)
+# ---------------------------------------------------------------------------------
+
+
+class PreferenceDataset(Dataset):
+    """Each entry as token ids: the prompt, prompt + chosen response, prompt + rejected."""
+
+    def __init__(self, data, tokenizer, style="alpaca"):
+        self.data = data
+        self.encoded_texts = []
+        for entry in data:
+            prompt = helpers.format_input(entry, style)
+            chosen_full_text = prompt + helpers.format_response({"output": entry["chosen"]}, style)
+            rejected_full_text = prompt + helpers.format_response(
+                {"output": entry["rejected"]}, style
+            )
+            self.encoded_texts.append(
+                {
+                    "prompt": tokenizer.encode(prompt),
+                    "chosen": tokenizer.encode(chosen_full_text),
+                    "rejected": tokenizer.encode(rejected_full_text),
+                }
+            )
+
+    def __getitem__(self, index):
+        return self.encoded_texts[index]
+
+    def __len__(self):
+        return len(self.data)
+
+
+def custom_collate_fn(
+    batch, pad_token_id=50256, allowed_max_length=None, mask_prompt_tokens=True, device="cpu"
+):
+    """Pad `chosen` and `rejected` to one length; masks are True on the response only."""
+    batch_data = {"prompt": [], "chosen": [], "rejected": [], "chosen_mask": [], "rejected_mask": []}
+    # one length for chosen and rejected, so both fit into the same forward pass
+    max_length_common = max(len(item[key]) + 1 for item in batch for key in ("chosen", "rejected"))
+    for item in batch:
+        prompt = torch.tensor(item["prompt"])
+        batch_data["prompt"].append(prompt)
+        for key in ("chosen", "rejected"):
+            sequence = item[key]
+            padded = sequence + [pad_token_id] * (max_length_common - len(sequence))
+            mask = torch.ones(len(padded)).bool()
+            mask[len(sequence) :] = False  # padding: not scored
+            if mask_prompt_tokens:
+                # the prompt and the 2 newlines before "### Response:": not scored
+                mask[: prompt.shape[0] + 2] = False
+            batch_data[key].append(torch.tensor(padded))
+            batch_data[f"{key}_mask"].append(mask)
+    for key in ("chosen", "rejected", "chosen_mask", "rejected_mask"):
+        tensor_stack = torch.stack(batch_data[key])  # (batch, max_length_common)
+        if allowed_max_length is not None:
+            tensor_stack = tensor_stack[:, :allowed_max_length]
+        batch_data[key] = tensor_stack.to(device)
+    return batch_data
+
+
+def compute_logprobs(logits, labels, selection_mask=None):
+    """Each row's mean log-probability of its tokens `labels` under `logits`.
+
+    logits: (batch, tokens, vocab_size); labels: the input ids (batch, tokens), shifted
+    by one here (the logits at position t predict token t + 1); selection_mask: True
+    where a token counts (all tokens count without one). Returns (batch,).
+    """
+    labels = labels[:, 1:].clone()  # the token each position predicts
+    logits = logits[:, :-1, :]  # the last position predicts nothing we have
+    log_probs = F.log_softmax(logits, dim=-1)
+    selected_log_probs = torch.gather(log_probs, dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
+    if selection_mask is not None:
+        mask = selection_mask[:, 1:].clone()
+        selected_log_probs = selected_log_probs * mask  # (batch, tokens - 1)
+        return selected_log_probs.sum(-1) / mask.sum(-1)
+    return selected_log_probs.mean(-1)
+
+
+def compute_dpo_loss(
+    model_chosen_logprobs,
+    model_rejected_logprobs,
+    reference_chosen_logprobs,
+    reference_rejected_logprobs,
+    beta=0.1,
+):
+    """The DPO loss of a batch, and the mean rewards of its chosen and rejected responses.
+
+    A response's reward is how much more log-probability the policy gives it than the
+    reference does. Returns (loss, chosen_rewards, rejected_rewards), each a mean.
+    """
+    model_logratios = model_chosen_logprobs - model_rejected_logprobs
+    reference_logratios = reference_chosen_logprobs - reference_rejected_logprobs
+    logits = model_logratios - reference_logratios
+    losses = -F.logsigmoid(beta * logits)  # log 2 where the policy equals the reference
+    chosen_rewards = (model_chosen_logprobs - reference_chosen_logprobs).detach()
+    rejected_rewards = (model_rejected_logprobs - reference_rejected_logprobs).detach()
+    return losses.mean(), chosen_rewards.mean(), rejected_rewards.mean()
+
+
+def compute_dpo_loss_batch(batch, policy_model, reference_model, beta):
+    """The DPO loss of one batch of the collate function (gradients for the policy only)."""
+    policy_chosen_logprobs = compute_logprobs(
+        logits=policy_model(batch["chosen"]),
+        labels=batch["chosen"],
+        selection_mask=batch["chosen_mask"],
+    )
+    policy_rejected_logprobs = compute_logprobs(
+        logits=policy_model(batch["rejected"]),
+        labels=batch["rejected"],
+        selection_mask=batch["rejected_mask"],
+    )
+    with torch.no_grad():  # the reference stays as it is
+        reference_chosen_logprobs = compute_logprobs(
+            logits=reference_model(batch["chosen"]),
+            labels=batch["chosen"],
+            selection_mask=batch["chosen_mask"],
+        )
+        reference_rejected_logprobs = compute_logprobs(
+            logits=reference_model(batch["rejected"]),
+            labels=batch["rejected"],
+            selection_mask=batch["rejected_mask"],
+        )
+    return compute_dpo_loss(
+        model_chosen_logprobs=policy_chosen_logprobs,
+        model_rejected_logprobs=policy_rejected_logprobs,
+        reference_chosen_logprobs=reference_chosen_logprobs,
+        reference_rejected_logprobs=reference_rejected_logprobs,
+        beta=beta,
+    )
+
+
+def compute_dpo_loss_loader(data_loader, policy_model, reference_model, beta, num_batches=None):
+    """Mean loss, chosen reward and rejected reward over the first `num_batches` batches."""
+    total_loss, total_chosen_rewards, total_rejected_rewards = 0.0, 0.0, 0.0
+    if len(data_loader) == 0:
+        return float("nan"), float("nan"), float("nan")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    for i, batch in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        loss, chosen_rewards, rejected_rewards = compute_dpo_loss_batch(
+            batch=batch, policy_model=policy_model, reference_model=reference_model, beta=beta
+        )
+        total_loss += loss.item()
+        total_chosen_rewards += chosen_rewards.item()
+        total_rejected_rewards += rejected_rewards.item()
+    return (
+        total_loss / num_batches,
+        total_chosen_rewards / num_batches,
+        total_rejected_rewards / num_batches,
+    )
+
+
+def evaluate_dpo_loss_loader(policy_model, reference_model, train_loader, val_loader, beta, eval_iter):
+    """Loss and rewards on `eval_iter` training and validation batches, without gradients."""
+    policy_model.eval()
+    with torch.no_grad():
+        train_loss, train_chosen_rewards, train_rejected_rewards = compute_dpo_loss_loader(
+            train_loader, policy_model, reference_model, beta, num_batches=eval_iter
+        )
+        val_loss, val_chosen_rewards, val_rejected_rewards = compute_dpo_loss_loader(
+            val_loader, policy_model, reference_model, beta, num_batches=eval_iter
+        )
+    policy_model.train()
+    return {
+        "train_loss": train_loss,
+        "train_chosen_reward": train_chosen_rewards,
+        "train_rejected_reward": train_rejected_rewards,
+        "val_loss": val_loss,
+        "val_chosen_reward": val_chosen_rewards,
+        "val_rejected_reward": val_rejected_rewards,
+    }
+
+
+def train_model_dpo_simple(
+    policy_model,
+    reference_model,
+    train_loader,
+    val_loader,
+    optimizer,
+    num_epochs,
+    beta,
+    eval_freq,
+    eval_iter,
+    start_context,
+    tokenizer,
+):
+    """The DPO training loop: the book's loop of notebook 05 with the DPO loss."""
+    tracking = {
+        "train_losses": [],
+        "train_chosen_rewards": [],
+        "train_rejected_rewards": [],
+        "val_losses": [],
+        "val_chosen_rewards": [],
+        "val_rejected_rewards": [],
+        "tokens_seen": [],
+    }
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        policy_model.train()
+        for batch in train_loader:
+            optimizer.zero_grad()
+            loss, chosen_rewards, rejected_rewards = compute_dpo_loss_batch(
+                batch=batch, policy_model=policy_model, reference_model=reference_model, beta=beta
+            )
+            loss.backward()  # gradients reach the policy only
+            optimizer.step()
+            tokens_seen += batch["chosen"].numel()
+            global_step += 1
+
+            if global_step % eval_freq == 0:
+                res = evaluate_dpo_loss_loader(
+                    policy_model, reference_model, train_loader, val_loader, beta, eval_iter
+                )
+                tracking["train_losses"].append(res["train_loss"])
+                tracking["train_chosen_rewards"].append(res["train_chosen_reward"])
+                tracking["train_rejected_rewards"].append(res["train_rejected_reward"])
+                tracking["val_losses"].append(res["val_loss"])
+                tracking["val_chosen_rewards"].append(res["val_chosen_reward"])
+                tracking["val_rejected_rewards"].append(res["val_rejected_reward"])
+                tracking["tokens_seen"].append(tokens_seen)
+                train_reward_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
+                val_reward_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
+                print(
+                    f"Ep {epoch + 1} (Step {global_step:06d}): "
+                    f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
+                    f"Train reward margins {train_reward_margin:.3f}, "
+                    f"Val reward margins {val_reward_margin:.3f}"
+                )
+        helpers.generate_and_print_sample(policy_model, tokenizer, loss.device, start_context)
+    return tracking
+
+
+# ---------------------------------------------------------------------------------
+# The fast path: the same numbers with less work
+# ---------------------------------------------------------------------------------
+
+
+def sequence_logprobs_fast(model, input_ids, selection_mask=None):
+    """`compute_logprobs(model(input_ids), input_ids, selection_mask)`, with less work.
+
+    The forward pass stops after the last scored token, and the output layer (the
+    largest matrix product) and the log-softmax run only where a token is scored,
+    not on the prompt and the padding. Returns (batch,) mean log-probabilities.
+    """
+    device = model.pos_emb.weight.device
+    input_ids = input_ids.to(device)
+    targets = input_ids[:, 1:]  # the token each position predicts
+    if selection_mask is None:
+        mask = torch.ones_like(targets, dtype=torch.bool)
+    else:
+        mask = selection_mask.to(device)[:, 1:].bool()
+    columns = torch.arange(targets.shape[1], device=device)
+    needed = int(torch.where(mask, columns, -1).max()) + 1  # positions up to the last scored
+    batch_size = input_ids.shape[0]
+    if needed == 0:  # nothing scored: the mean of no tokens, as compute_logprobs gives
+        return torch.full((batch_size,), float("nan"), device=device)
+    hidden = forward(model, input_ids[:, :needed], return_hidden=True)
+    mask, targets = mask[:, :needed], targets[:, :needed]
+    logits = model.out_head(hidden[mask])  # (scored tokens, vocab_size)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    token_log_probs = log_probs.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    rows = torch.arange(batch_size, device=device)[:, None].expand_as(mask)[mask]
+    sums = torch.zeros(batch_size, device=device).index_add(0, rows, token_log_probs)
+    return sums / mask.sum(-1)
+
+
+def compute_dpo_loss_batch_fast(batch, policy_model, reference_model, beta):
+    """`compute_dpo_loss_batch` with `sequence_logprobs_fast`: the same loss and rewards.
+
+    The chosen and rejected responses (padded to one length by the collate function) go
+    through each model in one forward pass.
+    """
+    chosen, rejected = batch["chosen"], batch["rejected"]
+    if chosen.shape != rejected.shape:
+        raise ValueError(
+            f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ in "
+            "shape: use the collate function of notebook 10, which pads both to one length."
+        )
+    input_ids = torch.cat([chosen, rejected])
+    mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
+    n = chosen.shape[0]
+    policy = sequence_logprobs_fast(policy_model, input_ids, mask)
+    with torch.no_grad():
+        reference = sequence_logprobs_fast(reference_model, input_ids, mask)
+    return compute_dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], beta=beta)
+
+
+def compute_dpo_loss_loader_fast(data_loader, policy_model, reference_model, beta, num_batches=None):
+    """`compute_dpo_loss_loader` over `compute_dpo_loss_batch_fast`."""
+    if len(data_loader) == 0:
+        return float("nan"), float("nan"), float("nan")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    totals = [0.0, 0.0, 0.0]
+    for i, batch in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        values = compute_dpo_loss_batch_fast(batch, policy_model, reference_model, beta)
+        totals = [total + value.item() for total, value in zip(totals, values, strict=True)]
+    return tuple(total / num_batches for total in totals)
+
+
+def evaluate_dpo_fast(policy_model, reference_model, train_loader, val_loader, beta, eval_iter):
+    """`evaluate_dpo_loss_loader` over `compute_dpo_loss_batch_fast`."""
+    policy_model.eval()
+    res = {}
+    with torch.no_grad():
+        for name, loader in (("train", train_loader), ("val", val_loader)):
+            loss, chosen, rejected = compute_dpo_loss_loader_fast(
+                loader, policy_model, reference_model, beta, num_batches=eval_iter
+            )
+            res[f"{name}_loss"] = loss
+            res[f"{name}_chosen_reward"] = chosen
+            res[f"{name}_rejected_reward"] = rejected
+    policy_model.train()
+    return res
+
+
+# ---------------------------------------------------------------------------------
+# Resumable DPO training
+# ---------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "course-dpo-checkpoint-1"
+TRACKED = (
+    "train_losses",
+    "train_chosen_rewards",
+    "train_rejected_rewards",
+    "val_losses",
+    "val_chosen_rewards",
+    "val_rejected_rewards",
+    "tokens_seen",
+)
+
+
+def freeze(model):
+    """Make `model` a frozen reference: evaluation mode, no gradients. Returns it."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def _save_checkpoint(path, policy_model, optimizer, scaler, run_settings, progress, rng, epoch_rng):
+    finished = progress["finished"]
+    torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "settings": run_settings,
+            "progress": progress,
+            "model_state_dict": policy_model.state_dict(),
+            # a finished run is never continued: no optimizer state (twice the model)
+            "optimizer_state_dict": None if finished else optimizer.state_dict(),
+            "scaler_state_dict": None if finished or scaler is None else scaler.state_dict(),
+            "rng": None if finished else rng,
+            "epoch_rng": None if finished else epoch_rng,
+        },
+        path,
+    )
+
+
+def _load_checkpoint(path, policy_model, optimizer, scaler, run_settings):
+    """The checkpoint, loaded into the policy and optimizer; None to start afresh."""
+    start_over = (
+        "Delete it (the training cell then starts from the beginning) or set "
+        "COURSE_RETRAIN=1 (force=True) to overwrite it"
+    )
+    checkpoint = read_pth(path, NOTEBOOK)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a DPO checkpoint of this course. {start_over}.")
+    saved = checkpoint["settings"]
+    changed = [
+        f"{key} {saved.get(key)!r} then, {run_settings.get(key)!r} now"
+        for key in sorted(set(saved) | set(run_settings))
+        if saved.get(key) != run_settings.get(key)
+    ]
+    if changed and checkpoint["progress"]["finished"]:
+        print(f"{Path(path).name} holds a finished run with other settings ({'; '.join(changed)}).")
+        return None
+    if changed:
+        raise ValueError(
+            f"{path} holds an unfinished DPO run with other settings ({'; '.join(changed)}), "
+            f"and continuing it would mix two runs. {start_over}, or change the settings back."
+        )
+    load_state_dict_checked(policy_model, checkpoint["model_state_dict"], str(path))
+    if not checkpoint["progress"]["finished"]:
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        except (ValueError, KeyError) as exc:
+            raise ValueError(
+                f"The optimizer state in {path} does not fit this optimizer ({exc}). {start_over}."
+            ) from None
+        if scaler is not None:
+            scaler.load_state_dict(checkpoint["scaler_state_dict"])
+    return checkpoint
+
+
+def train_model_dpo(
+    policy_model,
+    reference_model,
+    train_loader,
+    val_loader,
+    optimizer,
+    device,
+    num_epochs: int,
+    beta: float,
+    eval_freq: int,
+    eval_iter: int,
+    start_context: str,
+    tokenizer,
+    checkpoint_path: str | Path | None = None,
+    precision: str = "fp32",
+    run_config: dict | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float | None = 5.0,
+    force: bool = False,
+    max_steps: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """`train_model_dpo_simple` that survives interruptions, with a progress bar.
+
+    The same steps, evaluations and printed lines as the book's loop (with fp32, the
+    same losses and rewards, through `compute_dpo_loss_batch_fast`). In addition:
+
+    - `checkpoint_path`: the policy's weights, the optimizer, the random number
+      generators, the position in the epoch and the tracked values are saved there
+      every `checkpoint_minutes`, every `checkpoint_every` steps and after every epoch;
+      if the file exists, training continues from it and ends as an uninterrupted run
+      would. A finished run is not repeated (its weights are loaded) unless `force`.
+    - `run_config`: what else defines the run (model, data, the reference's weights,
+      ...); a checkpoint saved with other values is not continued.
+    - `precision`: "fp32", or "bf16" / "fp16" mixed precision.
+    - `max_steps`: stop after this many steps in this call, with a checkpoint.
+
+    The reference model is never changed (`freeze` it first). Returns the book's
+    tracking lists (`train_losses`, `train_chosen_rewards`, ..., `tokens_seen`) plus
+    `eval_steps`, `samples`, `global_step`, `train_seconds` and `finished`.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            "train_loader has no batches: the training set is smaller than one batch "
+            "(drop_last=True). Use more entries (COURSE_DPO_LIMIT) or a smaller batch size."
+        )
+    if eval_freq < 1 or eval_iter < 1:
+        raise ValueError(
+            f"eval_freq and eval_iter must be at least 1, got {eval_freq}, {eval_iter}."
+        )
+    if any(param.requires_grad for param in reference_model.parameters()):
+        raise ValueError(
+            "The reference model has trainable parameters: freeze it first "
+            "(course.dpo.freeze(reference_model)), so that only the policy learns."
+        )
+    run_settings = {
+        "num_epochs": num_epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "eval_freq": eval_freq,
+        "eval_iter": eval_iter,
+        "beta": beta,
+        "precision": precision,
+        "lr": optimizer.param_groups[0]["lr"],
+        "weight_decay": optimizer.param_groups[0].get("weight_decay"),
+        **(run_config or {}),
+    }
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    progress = {
+        "epoch": 0,  # the epoch in progress (0-based)
+        "batches_done": 0,  # batches of that epoch already trained on
+        "global_step": -1,
+        "tokens": 0,
+        **{key: [] for key in TRACKED},
+        "eval_steps": [],
+        "samples": [],
+        "train_seconds": 0.0,
+        "finished": False,
+    }
+    resume = None
+    if checkpoint_path is not None:
+        checkpoint_path = Path(checkpoint_path)
+        if checkpoint_path.exists() and not force:
+            resume = _load_checkpoint(checkpoint_path, policy_model, optimizer, scaler, run_settings)
+        if checkpoint_path.exists() and resume is None:
+            print(f"Training from the start ({checkpoint_path.name} will be replaced).")
+    if resume is not None:
+        progress = resume["progress"]
+        if progress["finished"]:
+            print(
+                f"This DPO run already finished ({checkpoint_path.name}): its trained policy "
+                f"is loaded. Final losses: train {progress['train_losses'][-1]:.3f}, val "
+                f"{progress['val_losses'][-1]:.3f}. Set COURSE_RETRAIN=1 (force=True) to "
+                "train again."
+            )
+            return dpo_history(progress)
+        print(
+            f"Continuing from {checkpoint_path.name}: epoch {progress['epoch'] + 1}, "
+            f"{progress['global_step'] + 1} of {num_epochs * steps_per_epoch} steps done."
+        )
+
+    start_time = time.perf_counter()
+    seconds_before = progress["train_seconds"]
+    last_save = start_time
+    steps_this_call = 0
+    bar = tqdm(
+        total=num_epochs * steps_per_epoch,
+        initial=progress["global_step"] + 1,
+        desc="DPO",
+        unit="step",
+        disable=not show_progress,
+    )
+
+    def save(epoch_rng):
+        progress["train_seconds"] = seconds_before + time.perf_counter() - start_time
+        _save_checkpoint(
+            checkpoint_path,
+            policy_model,
+            optimizer,
+            scaler,
+            run_settings,
+            progress,
+            get_rng_states(train_loader),
+            epoch_rng,
+        )
+
+    try:
+        for epoch in range(progress["epoch"], num_epochs):
+            policy_model.train()
+            if resume is not None:  # replay the shuffle of the epoch that was interrupted
+                set_rng_states(resume["epoch_rng"] or resume["rng"], train_loader)
+            epoch_rng = get_rng_states(train_loader)  # what this epoch's order comes from
+            batches = iter(train_loader)
+            if resume is not None:
+                if progress["batches_done"] > 0:  # interrupted inside the epoch
+                    for _ in range(progress["batches_done"]):  # already trained on
+                        next(batches)
+                    set_rng_states(resume["rng"], train_loader)  # as when it was saved
+                resume = None
+            for batch in batches:
+                optimizer.zero_grad()
+                with autocast_context(device, precision):
+                    loss, _, _ = compute_dpo_loss_batch_fast(
+                        batch, policy_model, reference_model, beta
+                    )
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(
+                        f"The DPO loss is {loss.item()} at step {progress['global_step'] + 1}: "
+                        f"training diverged (a learning rate of {run_settings['lr']} may be too "
+                        "large; the book uses 5e-6). Nothing was saved as finished. Lower "
+                        "COURSE_DPO_LR and set COURSE_RETRAIN=1 to start over."
+                    )
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                progress["tokens"] += batch["chosen"].numel()
+                progress["global_step"] += 1
+                progress["batches_done"] += 1
+                step = progress["global_step"]
+                steps_this_call += 1
+                bar.update(1)
+                if step % eval_freq == 0:
+                    with autocast_context(device, precision):
+                        res = evaluate_dpo_fast(
+                            policy_model, reference_model, train_loader, val_loader, beta, eval_iter
+                        )
+                    for name in ("train", "val"):
+                        progress[f"{name}_losses"].append(res[f"{name}_loss"])
+                        progress[f"{name}_chosen_rewards"].append(res[f"{name}_chosen_reward"])
+                        progress[f"{name}_rejected_rewards"].append(res[f"{name}_rejected_reward"])
+                    progress["tokens_seen"].append(progress["tokens"])
+                    progress["eval_steps"].append(step)
+                    train_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
+                    val_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
+                    bar.set_postfix(loss=f"{res['train_loss']:.3f}", margin=f"{train_margin:.3f}")
+                    tqdm.write(
+                        f"Ep {epoch + 1} (Step {step:06d}): "
+                        f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
+                        f"Train reward margins {train_margin:.3f}, "
+                        f"Val reward margins {val_margin:.3f}"
+                    )
+                stop = max_steps is not None and steps_this_call >= max_steps
+                due = (checkpoint_every is not None and (step + 1) % checkpoint_every == 0) or (
+                    checkpoint_minutes is not None
+                    and time.perf_counter() - last_save >= 60 * checkpoint_minutes
+                )
+                # (after an epoch's last batch the end-of-epoch checkpoint follows)
+                if checkpoint_path is not None and (
+                    stop or (due and progress["batches_done"] < steps_per_epoch)
+                ):
+                    save(epoch_rng)
+                    last_save = time.perf_counter()
+                if stop:
+                    bar.close()
+                    print(
+                        f"Stopped after {steps_this_call} steps (max_steps), at step "
+                        f"{step + 1} of {num_epochs * steps_per_epoch}."
+                        + (" Run again to continue." if checkpoint_path is not None else "")
+                    )
+                    progress["train_seconds"] = seconds_before + time.perf_counter() - start_time
+                    return dpo_history(progress)
+            bar.refresh()
+            progress["samples"].append(print_sample(policy_model, tokenizer, device, start_context))
+            progress["epoch"], progress["batches_done"] = epoch + 1, 0
+            if checkpoint_path is not None and epoch + 1 < num_epochs:
+                save(None)
+                last_save = time.perf_counter()
+        progress["finished"] = True
+        progress["train_seconds"] = seconds_before + time.perf_counter() - start_time
+        if checkpoint_path is not None:
+            save(None)
+    except KeyboardInterrupt:
+        bar.close()
+        if checkpoint_path is not None and checkpoint_path.exists():
+            print(
+                f"Interrupted. The last checkpoint is in {checkpoint_path.name}: run the "
+                "cell again to continue from there."
+            )
+        elif checkpoint_path is not None:
+            print("Interrupted before the first checkpoint: training starts anew next time.")
+        raise
+    finally:
+        bar.close()
+    return dpo_history(progress)
+
+
+def dpo_history(progress: dict) -> dict[str, Any]:
+    """What `train_model_dpo` returns: the tracked values so far and where training stands."""
+    history = {key: list(progress[key]) for key in TRACKED}
+    history.update(
+        eval_steps=list(progress["eval_steps"]),
+        samples=list(progress["samples"]),
+        global_step=progress["global_step"],
+        train_seconds=progress["train_seconds"],
+        finished=progress["finished"],
+    )
+    return history
+
+
+def reward_margins(history: dict, split: str = "train") -> list[float]:
+    """Chosen minus rejected reward at each evaluation, for "train" or "val"."""
+    return [
+        chosen - rejected
+        for chosen, rejected in zip(
+            history[f"{split}_chosen_rewards"], history[f"{split}_rejected_rewards"], strict=True
+        )
+    ]
