@@ -1,29 +1,36 @@
 """Run the whole course: the nine notebooks in order, each in a fresh kernel.
 
-    python run_course.py                      # the book's run: GPT-2 medium, judge llama3
     python run_course.py --offline            # the tiny offline model: no network, minutes on a CPU
+    python run_course.py                      # the book's run: GPT-2 medium, judge llama3
     python run_course.py --model gpt2-small --epochs 1
     python run_course.py --from 05            # continue from notebook 05
     python run_course.py --only 09            # just one (or a few: --only 07,08)
+    python run_course.py --bonus              # 01-09, then the bonus notebook 10 (DPO)
+    python run_course.py --only 10            # only the bonus notebook
 
 Each option sets the COURSE_* environment variable that the notebooks' parameters
-cell reads, so the notebooks run unchanged. Executed copies of the notebooks (with
-every output) are written to artifacts/executed/. The run stops at the first failing
-notebook and names the cell and the error; at the end it prints a summary read from
-the artifacts: model, device, precision, final losses, training time, responses and
-the judge's average score.
+cell reads, so the notebooks run unchanged. Every setting (and OLLAMA_HOST) is checked
+before anything runs. Executed copies of the notebooks (with every output) are written
+to artifacts/executed/. The run stops at the first failing notebook and names the cell
+and the error; Ctrl+C stops it and says where to continue. At the end it prints a
+summary read from the artifacts: model, device, precision, final losses, training
+time, responses and the judge's average score.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
+import contextlib
+import errno
 import math
 import os
+import signal
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +39,11 @@ from urllib.parse import urlparse
 import nbformat
 from nbclient import NotebookClient
 
-import helpers
+from course import artifacts, settings
 
 ROOT = Path(__file__).resolve().parent
-NOTEBOOK_GLOB = "0[1-9]_*.ipynb"
-DEFAULT_MODEL = "gpt2-medium (355M)"
-DEFAULT_JUDGE = "llama3"
+NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+BONUS = ("10",)  # notebooks that run only when asked: --bonus, or --only 10
 WEIGHT_NOTEBOOKS = ("04_", "05_")  # the notebooks that load pretrained GPT-2 weights
 SCORING_NOTEBOOK = "09_"
 
@@ -49,6 +55,7 @@ OPTIONS = [
         "gpt2-small, gpt2-medium (default), gpt2-large, gpt2-xl or offline",
     ),
     ("--judge-model", "COURSE_JUDGE_MODEL", "the Ollama model that scores the responses (llama3)"),
+    ("--judge-runs", "COURSE_JUDGE_RUNS", "how often the judge scores each response set (3)"),
     ("--epochs", "COURSE_EPOCHS", "training epochs (2)"),
     ("--batch-size", "COURSE_BATCH_SIZE", "batch size (8)"),
     ("--lr", "COURSE_LR", "learning rate (5e-5)"),
@@ -57,48 +64,57 @@ OPTIONS = [
     ("--device", "COURSE_DEVICE", "auto (default), cuda, mps or cpu"),
     ("--precision", "COURSE_PRECISION", "auto (default), fp32, fp16 or bf16"),
     ("--prompt-style", "COURSE_PROMPT_STYLE", "alpaca (default) or phi3"),
+    ("--dataset", "COURSE_DATASET", "book (default), alpaca, or a JSON file's path or URL"),
+    ("--data-limit", "COURSE_DATA_LIMIT", "use a random subset of this many entries (0: all)"),
+    ("--finetune", "COURSE_FINETUNE", "full (default) or lora (exercise 7.4)"),
+    ("--lora-rank", "COURSE_LORA_RANK", "LoRA rank (16)"),
+    ("--lora-alpha", "COURSE_LORA_ALPHA", "LoRA alpha (16)"),
+    ("--stage", "COURSE_STAGE", "which model 07-09 evaluate: sft (default) or dpo (notebook 10)"),
     ("--models-dir", "COURSE_MODELS_DIR", "where GPT-2 weights are cached (gpt2/)"),
 ]
 
 
 def find_notebooks(root: str | Path = ROOT) -> list[Path]:
-    """The course notebooks (01_... to 09_...), in order."""
+    """The course notebooks (01_... to 09_..., and the bonus 10_...), in order."""
     return sorted(Path(root).glob(NOTEBOOK_GLOB))
 
 
-def _number(name: str) -> str:
+def _number(name: str | Path) -> str:
     return Path(name).name[:2]
 
 
 def select_notebooks(
-    notebooks: list[Path], only: str | None = None, start: str | None = None
+    notebooks: list[Path], only: str | None = None, start: str | None = None, bonus: bool = False
 ) -> list[Path]:
-    """The notebooks `--only` (comma-separated numbers or names) or `--from` asks for."""
-    available = ", ".join(_number(p.name) for p in notebooks) or "none"
-    selected = notebooks
+    """The notebooks `--only` (numbers or names) or `--from` asks for.
+
+    The bonus notebook (10) runs only with `bonus` or when `--only` names it.
+    """
+    available = ", ".join(_number(p) for p in notebooks) or "none"
+    selected = [p for p in notebooks if bonus or _number(p) not in BONUS]
     if start:
         key = start.strip().zfill(2)[:2]
-        if key not in [_number(p.name) for p in notebooks]:
+        if key not in [_number(p) for p in notebooks]:
             raise ValueError(f"--from {start}: no such notebook (there are: {available}).")
-        selected = [p for p in selected if _number(p.name) >= key]
+        if key in BONUS:
+            selected = [p for p in notebooks if _number(p) >= key]
+        selected = [p for p in selected if _number(p) >= key]
     if only:
         wanted = []
         for item in only.split(","):
             item = item.strip()
             matches = [
-                p
-                for p in notebooks
-                if p.stem == Path(item).stem or _number(p.name) == item.zfill(2)
+                p for p in notebooks if p.stem == Path(item).stem or _number(p) == item.zfill(2)
             ]
             if not matches:
                 raise ValueError(f"--only {item}: no such notebook (there are: {available}).")
             wanted.extend(matches)
-        selected = [p for p in selected if p in wanted]
+        selected = [p for p in notebooks if p in wanted]
     return selected
 
 
 def course_settings(args: argparse.Namespace, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The COURSE_* variables for the kernels: the options given, over `base` (os.environ)."""
+    """The environment for the kernels: the options given, over `base` (os.environ)."""
     env = dict(os.environ if base is None else base)
     for flag, name, _ in OPTIONS:
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -110,14 +126,45 @@ def course_settings(args: argparse.Namespace, base: dict[str, str] | None = None
         env["COURSE_MASK_INSTRUCTIONS"] = "true"
     if args.models_dir is not None:
         env["COURSE_MODELS_DIR"] = str(Path(args.models_dir).resolve())
-    artifacts = args.artifacts or env.get("COURSE_ARTIFACTS") or str(ROOT / "artifacts")
-    env["COURSE_ARTIFACTS"] = str(Path(artifacts).resolve())
+    dataset = env.get("COURSE_DATASET", "").strip()
+    if dataset and dataset not in ("book", "alpaca") and "://" not in dataset:
+        if Path(dataset).exists():  # a file given relative to here: the kernels run elsewhere
+            env["COURSE_DATASET"] = str(Path(dataset).resolve())
+    folder = args.artifacts or env.get("COURSE_ARTIFACTS") or str(ROOT / "artifacts")
+    env["COURSE_ARTIFACTS"] = str(Path(folder).resolve())
     return env
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """os.environ is `env` inside the block (the course modules read their settings there)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # ---------------------------------------------------------------------------
 # Checks before a long run
 # ---------------------------------------------------------------------------
+
+
+def settings_problems(env: dict[str, str], scoring: bool = True) -> list[str]:
+    """Every COURSE_* variable (and, when notebook 09 runs, OLLAMA_HOST) the run cannot use."""
+    problems = settings.check_all(env)
+    host = env.get("OLLAMA_HOST", "")
+    if scoring and host.strip():
+        from course import judge
+
+        try:
+            judge.ollama_host(host)
+        except judge.JudgeError as exc:
+            problems.append(f"OLLAMA_HOST: {exc}")
+    return problems
 
 
 def can_connect(host: str, port: int = 443, timeout: float = 3.0) -> bool:
@@ -131,7 +178,9 @@ def can_connect(host: str, port: int = 443, timeout: float = 3.0) -> bool:
 
 def weights_cached(model_dir: Path) -> bool:
     """True when `model_dir` holds a complete GPT-2 download (or a safetensors file)."""
-    if all((model_dir / name).exists() for name in helpers.GPT2_FILES):
+    from course import weights
+
+    if all((model_dir / name).exists() for name in weights.GPT2_FILES):
         return True
     return any(model_dir.glob("*.safetensors"))
 
@@ -140,14 +189,16 @@ def weights_problem(
     model: str, models_dir: Path, connect: Callable[[str, int], bool] = can_connect
 ) -> str | None:
     """Why the GPT-2 weights can be neither found nor downloaded (None: they can)."""
-    model = helpers.resolve_model_name(model)
-    if model == helpers.OFFLINE_MODEL:
+    from course import weights
+
+    model = settings.resolve_model_name(model)
+    if model == settings.OFFLINE_MODEL:
         return None
-    size = model.split("(")[1].rstrip(")")
+    size = settings.model_size(model)
     model_dir = models_dir / size
     if weights_cached(model_dir):
         return None
-    sources = (helpers.GPT2_BASE_URL, helpers.GPT2_BACKUP_BASE_URL, helpers.SAFETENSORS_BASE_URL)
+    sources = (weights.GPT2_BASE_URL, weights.GPT2_BACKUP_BASE_URL, weights.SAFETENSORS_BASE_URL)
     hosts = [urlparse(url).hostname for url in sources]
     if any(connect(host, 443) for host in hosts):
         return None
@@ -157,16 +208,48 @@ def weights_problem(
         "Run the course with the offline model instead (tiny, random weights, its answers "
         "are noise, but every step runs):\n\n"
         "    python run_course.py --offline\n\n"
-        f"or copy the files {', '.join(helpers.GPT2_FILES)} of GPT-2 {size} into {model_dir}."
+        f"or copy the files {', '.join(weights.GPT2_FILES)} of GPT-2 {size} into {model_dir}."
     )
 
 
 def judge_problem(judge_model: str, host: str | None = None, timeout: float = 5.0) -> str | None:
     """Why the Ollama judge cannot score (None: it can), saying what to start or pull."""
+    from course import judge
+
     try:
-        helpers.ollama_status(judge_model, host, timeout=timeout)
-    except helpers.JudgeError as exc:
+        judge.ollama_status(judge_model, host, timeout=timeout)
+    except judge.JudgeError as exc:
         return f"{exc}\nThen score with: python run_course.py --only 09"
+    return None
+
+
+def write_problem(exc: OSError, what: str, start: str | None = None) -> str:
+    """A full or read-only disk (or another write error) in words, with what to do."""
+    again = f" Then continue with: python run_course.py --from {start}" if start else ""
+    where = exc.filename or what
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (
+            f"The disk is full: could not write {where} ({exc.strerror}). Free some space, or "
+            f"write the artifacts to another disk with --artifacts FOLDER.{again}"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"Cannot write {where}: the folder is not writable ({exc.strerror}). Choose a "
+            f"folder you can write to with --artifacts FOLDER.{again}"
+        )
+    return f"Could not write {where}: {exc.strerror or exc}.{again}"
+
+
+def check_writable(folder: Path) -> str | None:
+    """None when files can be written in `folder` (made if missing), else what is wrong."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"run_course.py checks that it can write here")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        return write_problem(exc, str(folder))
     return None
 
 
@@ -183,6 +266,7 @@ class NotebookRun:
     seconds: float
     executed: Path
     ok: bool = True
+    interrupted: bool = False
     cell_index: int | None = None
     cell_first_line: str = ""
     ename: str = ""
@@ -206,12 +290,33 @@ def run_notebook(
     timeout: int | None = None,
     kernel_name: str = "python3",
 ) -> NotebookRun:
-    """Execute one notebook top to bottom in a fresh kernel; save the executed copy."""
+    """Execute one notebook top to bottom in a fresh kernel; save the executed copy.
+
+    The stored outputs are cleared first, so the executed copy of a notebook that
+    failed shows only what this run printed. Ctrl+C interrupts the kernel and ends
+    with `result.interrupted`.
+    """
     nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
     current = {"index": None}
+    interrupted: list[bool] = []
+
+    def on_sigint() -> None:  # Ctrl+C: interrupt the running cell, as Jupyter's stop button
+        interrupted.append(True)
+        process = getattr(getattr(client.km, "provisioner", None), "process", None)
+        if process is not None:  # pressed again: the kernel does not react, stop it
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGINT if len(interrupted) == 1 else signal.SIGKILL)
 
     def on_cell_start(cell, cell_index, **_):
         current["index"] = cell_index
+        # nbclient's own SIGINT handler shuts the kernel down under the running cell, which
+        # ends in an empty AssertionError; this one interrupts the cell instead
+        with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, on_sigint)
 
     client = NotebookClient(
         nb,
@@ -227,6 +332,12 @@ def run_notebook(
     start = time.perf_counter()
     try:
         client.execute(env=env, stdout=kernel_log, stderr=kernel_log)
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl+C while the kernel started
+        result.ok = False
+        interrupted.append(True)
+        process = getattr(getattr(client.km, "provisioner", None), "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()  # nbclient had no time to shut it down
     except Exception as exc:  # CellExecutionError, CellTimeoutError, DeadKernelError, ...
         result.ok = False
         result.ename = getattr(exc, "ename", None) or type(exc).__name__
@@ -238,104 +349,79 @@ def run_notebook(
             result.cell_first_line = source.splitlines()[0] if source else "(empty cell)"
     finally:
         result.seconds = time.perf_counter() - start
+        # Ctrl+C before the first cell reaches nbclient's handler, which leaves this behind
+        stopped = getattr(client, "_async_cleanup_kernel_future", None) is not None
+        result.interrupted = bool(interrupted) or stopped
         kernel_log.close()
-        nbformat.write(nb, executed)
+        try:
+            nbformat.write(nb, executed)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                executed.unlink()  # no half-written copy left behind
+            raise
     return result
 
 
 # ---------------------------------------------------------------------------
-# The summary, read from the artifacts
+# The summary, read from the artifacts (course.artifacts owns their names and formats)
 # ---------------------------------------------------------------------------
 
 
-def _find(obj: Any, names: tuple[str, ...]) -> Any:
-    """The value of the first of `names` in a (nested) dict, top level first."""
-    if not isinstance(obj, dict):
-        return None
-    for name in names:
-        if obj.get(name) is not None:
-            return obj[name]
-    for value in obj.values():
-        found = _find(value, names)
-        if found is not None:
-            return found
-    return None
+def read_summary() -> dict[str, Any]:
+    """What the run produced, from notebook 05's training log, 07's responses and 09's scores.
 
+    Reads the COURSE_* settings from os.environ (run it inside `environment(env)`).
+    """
+    from course import scores
 
-def _last_number(value: Any) -> float | None:
-    if isinstance(value, list):
-        numbers = [v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return float(numbers[-1]) if numbers else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
+    model = settings.setting("COURSE_MODEL")
+    stem = artifacts.run_stem(model, settings.dataset_tag(), settings.setting("COURSE_FINETUNE"))
+    evaluated = stem if settings.setting("COURSE_STAGE") == "sft" else f"{stem}-dpo"
+    judge_model = settings.setting("COURSE_JUDGE_MODEL")
+    summary: dict[str, Any] = {"model": model, "stem": stem, "problems": []}
 
+    def read(kind: str, path: Path) -> Any:
+        try:
+            return artifacts.read_json(path, artifacts.WRITTEN_BY[kind])
+        except artifacts.MissingArtifact:
+            return None
+        except artifacts.ArtifactError as exc:
+            summary["problems"].append(str(exc))
+            return None
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def read_summary(artifacts: Path, model: str) -> dict[str, Any]:
-    """What the run produced, from notebook 05's training log, 07's responses and 09's scores."""
-    stem = helpers.model_file_stem(model)
-    summary: dict[str, Any] = {"model": helpers.resolve_model_name(model)}
-    log = _read_json(artifacts / f"{stem}-training-log.json")
-    if isinstance(log, dict):
-        summary["device"] = _find(log, ("device",))
-        summary["precision"] = _find(log, ("precision", "dtype", "amp_dtype"))
-        final = log.get("final_losses") if isinstance(log.get("final_losses"), dict) else {}
-        summary["train_loss"] = _last_number(final.get("train")) or _last_number(
-            _find(log, ("final_train_loss", "train_losses", "train_loss"))
+    log = read("training-log", artifacts.path_for("training-log", stem))
+    if isinstance(log, dict):  # the keys notebook 05 writes
+        final = log.get("final_losses") or {}
+        summary.update(
+            device=log.get("device"),
+            precision=log.get("precision"),
+            train_loss=final.get("train"),
+            val_loss=final.get("val"),
+            training_minutes=log.get("duration_minutes"),
         )
-        summary["val_loss"] = _last_number(final.get("val")) or _last_number(
-            _find(log, ("final_val_loss", "val_losses", "val_loss"))
-        )
-        minutes = _last_number(_find(log, ("training_minutes", "minutes", "duration_minutes")))
-        if minutes is None:
-            seconds = _last_number(
-                _find(
-                    log,
-                    (
-                        "train_seconds",
-                        "training_seconds",
-                        "duration_seconds",
-                        "elapsed_seconds",
-                        "seconds",
-                        "duration_s",
-                        "duration",
-                    ),
-                )
-            )
-            minutes = None if seconds is None else seconds / 60
-        summary["training_minutes"] = minutes
-    responses = _read_json(artifacts / f"{stem}-instruction-data-with-response.json")
-    if isinstance(responses, dict):
-        responses = _find(responses, ("responses", "entries", "data"))
+    responses = read("responses", artifacts.path_for("responses", evaluated))
     if isinstance(responses, list):
         summary["responses"] = sum(
             1 for e in responses if isinstance(e, dict) and e.get("model_response") is not None
         )
-    scores = _read_json(artifacts / f"{stem}-scores.json")
-    if isinstance(scores, dict) and isinstance(scores.get("runs"), list):
-        # helpers.generate_model_scores: one list of entries per scoring run
-        averages, scored = [], []
-        for run in scores["runs"]:
-            numbers = [
-                e["score"]
-                for e in run.get("entries", [])
-                if isinstance(e, dict) and isinstance(e.get("score"), (int, float))
-            ]
-            if numbers:
-                averages.append(sum(numbers) / len(numbers))
-                scored.append(len(numbers))
-        if averages:
-            summary["average_score"] = sum(averages) / len(averages)
-            summary["scored"] = scored[0]
-            summary["score_runs"] = len(averages)
-        summary["judge"] = _find(scores.get("judge"), ("tag", "model"))
+    scores_path = artifacts.scores_path(evaluated, judge_model)
+    if scores_path.exists():
+        try:
+            runs = scores.summarize_runs(scores_path)
+            first = scores.score_summary(scores.load_scores(scores_path))
+        except (artifacts.ArtifactError, ValueError, KeyError) as exc:
+            summary["problems"].append(f"{scores_path.name}: {exc}")
+        else:
+            record = scores.read_scores(scores_path)
+            summary.update(
+                average_score=runs["mean"],
+                score_std=runs["std"],
+                score_runs=runs["runs"],
+                scored=first["scored"],
+                judge=record["judge"].get("tag") or judge_model,
+            )
+    if artifacts.path_for("dpo", stem).exists():
+        summary["dpo_model"] = artifacts.path_for("dpo", stem).name
     return summary
 
 
@@ -367,15 +453,20 @@ def format_summary(summary: dict[str, Any], judge_note: str | None = None) -> st
         lines.append("  judge score        not scored:")
         lines.extend("    " + line for line in judge_note.splitlines())
     elif summary.get("average_score") is not None:
-        scored = f" over {summary['scored']} responses" if "scored" in summary else ""
-        runs = summary.get("score_runs", 1)
-        by = f" (judge {summary.get('judge') or '?'}" + (
-            f", mean of {runs} runs)" if runs > 1 else ")"
+        runs = summary["score_runs"]
+        spread = f" ± {summary['score_std']:.2f}" if summary.get("score_std") is not None else ""
+        by = f"judge {summary['judge']}" + (f", mean of {runs} runs" if runs > 1 else "")
+        lines.append(
+            f"  judge score        average {summary['average_score']:.2f}{spread} over "
+            f"{summary['scored']} responses ({by})"
         )
-        lines.append(f"  judge score        average {summary['average_score']:.2f}{scored}{by}")
     else:
         lines.append("  judge score        none yet (notebook 09 has not run)")
-    if summary["model"] == helpers.OFFLINE_MODEL:
+    if "dpo_model" in summary:
+        lines.append(f"  DPO model (bonus)  {summary['dpo_model']}")
+    for problem in summary.get("problems", []):
+        lines.append(f"  problem            {problem}")
+    if summary["model"] == settings.OFFLINE_MODEL:
         lines.append("  (the offline model has random weights: its responses and scores are noise)")
     return "\n".join(lines)
 
@@ -387,7 +478,7 @@ def format_summary(summary: dict[str, Any], judge_note: str | None = None) -> st
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Run the nine course notebooks in order, each in a fresh kernel.",
+        description="Run the course notebooks in order, each in a fresh kernel.",
         epilog="Options not given keep the notebooks' defaults (or your COURSE_* variables).",
     )
     for flag, name, text in OPTIONS:
@@ -403,20 +494,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--artifacts", help="folder for the artifacts (artifacts/); sets COURSE_ARTIFACTS"
     )
-    parser.add_argument("--only", help="run only these notebooks, e.g. 07,08")
+    parser.add_argument("--only", help="run only these notebooks, e.g. 07,08 (or 10, the bonus)")
     parser.add_argument("--from", dest="start", help="start at this notebook, e.g. 05")
+    parser.add_argument(
+        "--bonus", action="store_true", help="after 09, run the bonus notebook 10 (DPO)"
+    )
     parser.add_argument(
         "--cell-timeout", type=int, default=None, help="seconds per cell (no limit)"
     )
     args = parser.parse_args(argv)
     if args.offline and args.model not in (None, "offline"):
         parser.error(f"--offline and --model {args.model} contradict each other: choose one.")
-    model = "offline" if args.offline else args.model
-    if model is not None:
-        try:
-            helpers.resolve_model_name(model)
-        except ValueError as exc:
-            parser.error(str(exc))
     return args
 
 
@@ -428,32 +516,39 @@ def main(
     args = parse_args(argv)
     env = course_settings(args)
     try:
-        model = helpers.resolve_model_name(env.get("COURSE_MODEL") or DEFAULT_MODEL)
-    except ValueError as exc:
-        print(f"COURSE_MODEL: {exc}")
-        return 2
-    judge_model = env.get("COURSE_JUDGE_MODEL") or DEFAULT_JUDGE
-    artifacts = Path(env["COURSE_ARTIFACTS"])
-    try:
-        notebooks = select_notebooks(find_notebooks(root), args.only, args.start)
+        notebooks = select_notebooks(find_notebooks(root), args.only, args.start, args.bonus)
     except ValueError as exc:
         print(exc)
         return 2
     if not notebooks:
         print(f"No notebooks to run in {root}.")
         return 2
+    scoring = any(p.name.startswith(SCORING_NOTEBOOK) for p in notebooks)
+    problems = settings_problems(env, scoring)
+    if problems:
+        print("Nothing was run: these settings cannot be used.")
+        print("\n".join(f"- {problem}" for problem in problems))
+        return 2
+    with environment(env):
+        return _run(args, env, notebooks, root, connect)
 
+
+def _run(args, env, notebooks, root, connect) -> int:
+    model = settings.setting("COURSE_MODEL")
+    judge_model = settings.setting("COURSE_JUDGE_MODEL")
+    folder = Path(env["COURSE_ARTIFACTS"])
+    executed_dir = folder / "executed"
+    problem = check_writable(executed_dir)
+    if problem:
+        print(f"Nothing was run. {problem}")
+        return 2
     if any(p.name.startswith(WEIGHT_NOTEBOOKS) for p in notebooks):
-        models_dir = Path(env.get("COURSE_MODELS_DIR") or "gpt2")
-        problem = weights_problem(
-            model, models_dir if models_dir.is_absolute() else root / models_dir, connect
-        )
+        problem = weights_problem(model, settings.models_dir(), connect)
         if problem:
             print(problem)
             return 2
 
-    print(f"Running {len(notebooks)} notebook(s) with {model}; artifacts in {artifacts}")
-    executed_dir = artifacts / "executed"
+    print(f"Running {len(notebooks)} notebook(s) with {model}; artifacts in {folder}")
     judge_note = None
     started = time.perf_counter()
     for path in notebooks:
@@ -466,7 +561,13 @@ def main(
         try:
             run = run_notebook(path, executed_dir, env, cwd=root, timeout=args.cell_timeout)
         except KeyboardInterrupt:
-            print(f"interrupted. Continue with: python run_course.py --from {_number(path.name)}")
+            run = None
+        except OSError as exc:
+            print("could not save its executed copy")
+            print(write_problem(exc, path.name, _number(path)))
+            return 1
+        if run is None or run.interrupted:
+            print(f"interrupted: continue with --from {_number(path)}")
             return 130
         if not run.ok:
             print(f"FAILED after {run.seconds:.1f} s")
@@ -475,9 +576,13 @@ def main(
         print(f"{run.seconds:7.1f} s")
     minutes = (time.perf_counter() - started) / 60
     print(f"All done in {minutes:.1f} min. Executed notebooks: {executed_dir}")
-    print(format_summary(read_summary(artifacts, model), judge_note))
+    print(format_summary(read_summary(), judge_note))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl+C before or between the notebooks
+        print("\ninterrupted")
+        sys.exit(130)

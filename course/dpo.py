@@ -134,7 +134,13 @@ def custom_collate_fn(
     batch, pad_token_id=50256, allowed_max_length=None, mask_prompt_tokens=True, device="cpu"
 ):
     """Pad `chosen` and `rejected` to one length; masks are True on the response only."""
-    batch_data = {"prompt": [], "chosen": [], "rejected": [], "chosen_mask": [], "rejected_mask": []}
+    batch_data = {
+        "prompt": [],
+        "chosen": [],
+        "rejected": [],
+        "chosen_mask": [],
+        "rejected_mask": [],
+    }
     # one length for chosen and rejected, so both fit into the same forward pass
     max_length_common = max(len(item[key]) + 1 for item in batch for key in ("chosen", "rejected"))
     for item in batch:
@@ -251,7 +257,9 @@ def compute_dpo_loss_loader(data_loader, policy_model, reference_model, beta, nu
     )
 
 
-def evaluate_dpo_loss_loader(policy_model, reference_model, train_loader, val_loader, beta, eval_iter):
+def evaluate_dpo_loss_loader(
+    policy_model, reference_model, train_loader, val_loader, beta, eval_iter
+):
     """Loss and rewards on `eval_iter` training and validation batches, without gradients."""
     policy_model.eval()
     with torch.no_grad():
@@ -386,7 +394,9 @@ def compute_dpo_loss_batch_fast(batch, policy_model, reference_model, beta):
     return compute_dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], beta=beta)
 
 
-def compute_dpo_loss_loader_fast(data_loader, policy_model, reference_model, beta, num_batches=None):
+def compute_dpo_loss_loader_fast(
+    data_loader, policy_model, reference_model, beta, num_batches=None
+):
     """`compute_dpo_loss_loader` over `compute_dpo_loss_batch_fast`."""
     if len(data_loader) == 0:
         return float("nan"), float("nan"), float("nan")
@@ -580,7 +590,9 @@ def train_model_dpo(
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
         if checkpoint_path.exists() and not force:
-            resume = _load_checkpoint(checkpoint_path, policy_model, optimizer, scaler, run_settings)
+            resume = _load_checkpoint(
+                checkpoint_path, policy_model, optimizer, scaler, run_settings
+            )
         if checkpoint_path.exists() and resume is None:
             print(f"Training from the start ({checkpoint_path.name} will be replaced).")
     if resume is not None:

@@ -1,10 +1,12 @@
-"""The Colab cells (tools/colab_cell.py) and the script that puts them into the notebooks.
+"""Google Colab: the set-up cells (tools/colab_cell.py), what they call (course/colab.py),
+and the script that puts the cells into the notebooks.
 
-The set-up cell runs here exactly as written, with a stand-in `google.colab` module
-(its `drive.mount` records the call and makes the folder, as Colab's does), a local
-git repository reached through a file:// URL, and pip replaced by a recorder: nothing
-goes to the network. The Ollama cell runs against stand-in `ollama`, `curl` and
-`apt-get` commands put first on PATH.
+Nothing here goes to the network, and the code runs for real against stand-ins of what
+Colab has: a `google.colab` module (its `drive.mount` records the call and makes the
+folder, as Colab's does), a git repository reached through a file:// URL (cloned by the
+real git), and stand-in `pip`, `ollama`, `curl` and `apt-get` commands that this file
+writes and puts first on PATH. The script runs on copies of the notebooks in a temporary
+folder, never on the course's own notebooks.
 """
 
 import contextlib
@@ -21,7 +23,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-import helpers  # the course's, imported before a cell puts a clone first on sys.path
+from course import artifacts, colab
 from tools import colab_cell
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +49,21 @@ def run_cell(source: str, namespace: dict | None = None) -> str:
     return out.getvalue()
 
 
+def write_command(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def calls(folder: Path) -> list[str]:
+    log = folder / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
 @pytest.fixture
-def colab(monkeypatch):
-    """A stand-in `google.colab` in sys.modules; `colab.mounts` lists drive.mount calls."""
+def colab_module(monkeypatch):
+    """A stand-in `google.colab` in sys.modules; `.mounts` lists the drive.mount calls."""
     google = types.ModuleType("google")
     module = types.ModuleType("google.colab")
     drive = types.ModuleType("google.colab.drive")
@@ -70,22 +84,34 @@ def colab(monkeypatch):
 
 
 @pytest.fixture
-def course_repo(tmp_path):
-    """A git repository holding a minimal course, and its file:// URL."""
-    repo = tmp_path / "upstream" / "instruction-course"
-    repo.mkdir(parents=True)
-    (repo / "helpers.py").write_text('WHERE = "fetched from the repository"\n')
-    (repo / "README.md").write_text("# The course\n")
-    git = ["git", "-c", "user.name=Course", "-c", "user.email=course@example.org"]
-    subprocess.run(["git", "init", "--quiet", "-b", "main", str(repo)], check=True)
-    subprocess.run(git + ["-C", str(repo), "add", "."], check=True)
-    subprocess.run(git + ["-C", str(repo), "commit", "--quiet", "-m", "course"], check=True)
-    return repo.as_uri()
+def fake_bin(tmp_path, monkeypatch):
+    """A folder first on PATH for stand-in commands; OLLAMA_HOST on a free port."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("OLLAMA_HOST", f"http://127.0.0.1:{port}")
+    yield folder
+    pid_file = folder / "serve.pid"  # stop a stand-in `ollama serve` the test started
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
+
+@pytest.fixture
+def fake_pip(fake_bin, monkeypatch):
+    """course.colab installs with a stand-in pip that records its arguments."""
+    record = f'echo "pip $*" >> "{fake_bin}/calls.log"\n'
+    pip = write_command(fake_bin, "pip", f"#!/bin/sh\n{record}")
+    monkeypatch.setattr(colab, "PIP", [str(pip)])
+    return fake_bin
 
 
 @pytest.fixture
 def machine(tmp_path, monkeypatch):
-    """A fresh 'Colab machine': cwd is an empty folder, sys.path and env restored after."""
+    """A fresh 'Colab machine': cwd is an empty folder; sys.path, modules and env restored."""
     content = tmp_path / "content"
     content.mkdir()
     monkeypatch.chdir(content)
@@ -95,31 +121,25 @@ def machine(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def pip(monkeypatch):
-    """Replace `pip install` by a recorder (every other command runs for real)."""
-    calls = []
-    real_run = subprocess.run
+def course_repo(tmp_path):
+    """A git repository holding a small course with the real course/colab.py; its URL."""
+    repo = tmp_path / "upstream" / "instruction-course"
+    (repo / "course").mkdir(parents=True)
+    (repo / "helpers.py").write_text('WHERE = "fetched from the repository"\n')
+    (repo / "course" / "__init__.py").write_text('"""The clone\'s course package."""\n')
+    shutil.copy(ROOT / "course" / "colab.py", repo / "course" / "colab.py")
+    git = ["git", "-c", "user.name=Course", "-c", "user.email=course@example.org"]
+    subprocess.run(["git", "init", "--quiet", "-b", "main", str(repo)], check=True)
+    subprocess.run(git + ["-C", str(repo), "add", "."], check=True)
+    subprocess.run(git + ["-C", str(repo), "commit", "--quiet", "-m", "course"], check=True)
+    return repo.as_uri()
 
-    def run(command, *args, **kwargs):
-        if isinstance(command, list) and command[1:3] == ["-m", "pip"]:
-            calls.append(command[3:])
-            return subprocess.CompletedProcess(command, 0, "", "")
-        return real_run(command, *args, **kwargs)
 
-    monkeypatch.setattr(subprocess, "run", run)
-    return calls
-
-
-def pretend_missing(monkeypatch, *names):
-    """Make importlib.util.find_spec report these modules as not installed."""
-    import importlib.util
-
-    real_find_spec = importlib.util.find_spec
-
-    def find_spec(name, *args, **kwargs):
-        return None if name in names else real_find_spec(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+@pytest.fixture
+def fresh_course_import(monkeypatch):
+    """Forget the imported `course` package, so a cell imports the clone's."""
+    for name in [n for n in sys.modules if n == "course" or n.startswith("course.")]:
+        monkeypatch.delitem(sys.modules, name)
 
 
 # ---------------------------------------------------------------------------
@@ -127,18 +147,17 @@ def pretend_missing(monkeypatch, *names):
 # ---------------------------------------------------------------------------
 
 
-def test_off_colab_the_setup_cell_does_nothing_and_prints_nothing(machine, pip, monkeypatch):
+def test_off_colab_the_setup_cell_does_nothing_and_prints_nothing(machine, monkeypatch):
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     before = dict(os.environ)
     assert run_cell(colab_cell.setup_cell_source()) == ""
     assert Path.cwd() == machine and list(machine.iterdir()) == []
-    assert pip == [] and dict(os.environ) == before
+    assert dict(os.environ) == before
 
 
-def test_on_colab_it_fetches_the_course_and_installs_only_what_is_missing(
-    machine, colab, course_repo, pip, monkeypatch
+def test_on_colab_it_clones_the_course_goes_there_and_sets_up(
+    machine, colab_module, course_repo, fresh_course_import
 ):
-    pretend_missing(monkeypatch, "tiktoken")
     source = colab_cell.setup_cell_source(course_repo)
 
     printed = run_cell(source)
@@ -147,12 +166,14 @@ def test_on_colab_it_fetches_the_course_and_installs_only_what_is_missing(
     assert Path.cwd() == course
     assert (course / "helpers.py").read_text() == 'WHERE = "fetched from the repository"\n'
     assert sys.path[0] == str(course)
-    assert pip == [["install", "--quiet", "tiktoken"]]
-    assert colab.mounts == [] and "COURSE_ARTIFACTS" not in os.environ
-    assert f"Course files: {course}" in printed and "Installing tiktoken" in printed
-    assert "set KEEP_ARTIFACTS_ON_DRIVE = True" in printed
+    assert sys.modules["course.colab"].__file__ == str(course / "course" / "colab.py")
+    assert f"Course files: {course}" in printed  # printed by the clone's course.colab.setup
+    assert "Installed:    nothing (Colab has it all)" in printed
+    assert "setup(keep_artifacts_on_drive=True) keeps them on Google Drive" in printed
+    assert colab_module.mounts == [] and "COURSE_ARTIFACTS" not in os.environ
 
-    # run again (same kernel), and again after a restart (back in the start folder)
+    # run again (same kernel), and again after a restart (back in the start folder):
+    # the clone is reused, local edits stay
     (course / "helpers.py").write_text("edited = True\n")
     run_cell(source)
     assert Path.cwd() == course
@@ -161,37 +182,60 @@ def test_on_colab_it_fetches_the_course_and_installs_only_what_is_missing(
     assert Path.cwd() == course and (course / "helpers.py").read_text() == "edited = True\n"
 
 
-def test_nothing_is_installed_when_colab_has_everything(machine, colab, course_repo, pip):
-    printed = run_cell(colab_cell.setup_cell_source(course_repo))
-    assert pip == [] and "Installing" not in printed
-
-
-def test_artifacts_can_live_on_google_drive(machine, colab, course_repo, pip):
-    source = colab_cell.setup_cell_source(course_repo)
-    chosen = source.replace("KEEP_ARTIFACTS_ON_DRIVE = False", "KEEP_ARTIFACTS_ON_DRIVE = True")
-    assert chosen != source
-
-    printed = run_cell(chosen)
-
-    drive_artifacts = machine / "drive" / "MyDrive" / "instruction-course-artifacts"
-    assert colab.mounts == [str(machine / "drive")]
-    assert os.environ["COURSE_ARTIFACTS"] == str(drive_artifacts) and drive_artifacts.is_dir()
-    assert f"Artifacts:    {drive_artifacts}" in printed
-    # the notebooks' own artifacts_dir() then points there
-    assert helpers.artifacts_dir() == drive_artifacts
-
-
-def test_a_placeholder_or_unreachable_repository_gives_a_clear_error(machine, colab, pip, tmp_path):
-    with pytest.raises(RuntimeError, match="placeholder.*tools/colab_cell.py"):
-        run_cell(colab_cell.setup_cell_source("https://github.com/OWNER/REPO.git"))
+def test_a_placeholder_or_unreachable_repository_gives_a_clear_error(
+    machine, colab_module, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("GIT_ALLOW_PROTOCOL", "file")  # git refuses https: no network here
+    with pytest.raises(RuntimeError, match="Could not clone https://github.com/OWNER/REPO.git"):
+        run_cell(colab_cell.setup_cell_source())
     missing = (tmp_path / "no-such-repository").as_uri()
-    with pytest.raises(RuntimeError, match="Could not fetch the course from file://"):
+    with pytest.raises(RuntimeError, match=f"Could not clone {missing}: set it"):
         run_cell(colab_cell.setup_cell_source(missing))
-    assert Path.cwd() == machine
+    assert Path.cwd() == machine and list(machine.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------
-# Notebook 09's Ollama cell
+# course.colab.setup
+# ---------------------------------------------------------------------------
+
+
+def test_setup_does_nothing_off_colab(fake_pip, monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.setattr(colab, "REQUIRED", {"course_test_no_such_module": "no-such-package"})
+    colab.setup(keep_artifacts_on_drive=True)
+    assert capsys.readouterr().out == "" and calls(fake_pip) == []
+
+
+def test_setup_installs_only_what_is_missing(colab_module, fake_pip, monkeypatch, capsys):
+    required = {"tiktoken": "tiktoken", "course_test_no_such_module": "no-such-package"}
+    monkeypatch.setattr(colab, "REQUIRED", required)
+    colab.setup()
+    assert calls(fake_pip) == ["pip install --quiet no-such-package"]
+    out = capsys.readouterr().out
+    assert "Installing no-such-package ..." in out and "Installed:    no-such-package" in out
+
+    write_command(
+        fake_pip, "pip", "#!/bin/sh\necho 'ERROR: No matching distribution' >&2\nexit 1\n"
+    )
+    with pytest.raises(RuntimeError, match="pip could not install no-such-package"):
+        colab.setup()
+
+
+def test_artifacts_can_live_on_google_drive(machine, colab_module, fake_pip, monkeypatch):
+    drive = machine / "drive"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        colab.setup(keep_artifacts_on_drive=True, mountpoint=str(drive))
+    on_drive = drive / "MyDrive" / f"{colab.COURSE_ROOT.name}-artifacts"
+    assert colab_module.mounts == [str(drive)]
+    assert os.environ["COURSE_ARTIFACTS"] == str(on_drive) and on_drive.is_dir()
+    assert f"Artifacts:    {on_drive} (on Google Drive)" in out.getvalue()
+    assert artifacts.artifacts_dir() == on_drive  # the notebooks' artifacts go there
+    assert calls(fake_pip) == []
+
+
+# ---------------------------------------------------------------------------
+# course.colab.start_ollama (notebook 09's Ollama cell)
 # ---------------------------------------------------------------------------
 
 FAKE_OLLAMA = """\
@@ -199,11 +243,11 @@ FAKE_OLLAMA = """\
 # stand-in for the ollama command: `serve` answers /api/version on OLLAMA_HOST's port
 import http.server, json, os, sys
 from urllib.parse import urlparse
-log = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.log")
-with open(log, "a") as f:
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "calls.log"), "a") as f:
     f.write(" ".join(["ollama"] + sys.argv[1:]) + "\\n")
 if sys.argv[1] == "serve":
-    with open(os.path.join(os.path.dirname(log), "serve.pid"), "w") as f:
+    with open(os.path.join(here, "serve.pid"), "w") as f:
         f.write(str(os.getpid()))
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -217,68 +261,55 @@ if sys.argv[1] == "serve":
             pass
     port = urlparse(os.environ["OLLAMA_HOST"]).port
     http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+if sys.argv[1:] == ["pull", "no-such-model"]:
+    print("Error: pull model manifest: file does not exist", file=sys.stderr)
+    sys.exit(1)
 print("pulling manifest\\nsuccess")
 """
 
 
-def write_command(folder: Path, name: str, text: str) -> None:
-    path = folder / name
-    path.write_text(text)
-    path.chmod(0o755)
+def fake_ollama() -> str:
+    return FAKE_OLLAMA.format(python=sys.executable)
 
 
-@pytest.fixture
-def fake_bin(tmp_path, monkeypatch):
-    """A folder first on PATH for stand-in commands; stops a started `ollama serve`."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("OLLAMA_HOST", f"http://127.0.0.1:{port}")
-    yield folder
-    pid_file = folder / "serve.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
-
-
-def calls(folder: Path) -> list[str]:
-    log = folder / "calls.log"
-    return log.read_text().splitlines() if log.exists() else []
-
-
-def test_off_colab_the_ollama_cell_does_nothing(fake_bin, monkeypatch):
-    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
-    write_command(fake_bin, "ollama", FAKE_OLLAMA.format(python=sys.executable))
-    assert run_cell(colab_cell.ollama_cell_source(), {"JUDGE_MODEL": "llama3"}) == ""
-    assert calls(fake_bin) == []
-
-
-def test_on_colab_the_ollama_cell_starts_the_server_and_pulls_the_judge(colab, fake_bin):
-    write_command(fake_bin, "ollama", FAKE_OLLAMA.format(python=sys.executable))
-    printed = run_cell(colab_cell.ollama_cell_source(), {"JUDGE_MODEL": "llama3"})
-    assert calls(fake_bin) == ["ollama serve", "ollama pull llama3"]
-    assert "Ollama is running at http://127.0.0.1:" in printed and "llama3 is ready" in printed
-
-    # run again: the server is up, so only the pull is repeated (Ollama skips what it has)
-    run_cell(colab_cell.ollama_cell_source(), {"JUDGE_MODEL": "llama3"})
-    assert calls(fake_bin) == ["ollama serve", "ollama pull llama3", "ollama pull llama3"]
-
-
-def test_on_colab_the_ollama_cell_installs_ollama_first(colab, fake_bin):
-    assert shutil.which("ollama") is None, "this test needs a machine without ollama"
-    # curl prints an install script that puts the stand-in ollama in place, as install.sh would
-    (fake_bin / "ollama.txt").write_text(FAKE_OLLAMA.format(python=sys.executable))
+def installer_stand_ins(fake_bin: Path) -> None:
+    """curl prints an install script that puts the stand-in ollama in place, as install.sh
+    does; apt-get only records its call."""
+    (fake_bin / "ollama.txt").write_text(fake_ollama())
     record = f'echo "$(basename "$0") $*" >> "{fake_bin}/calls.log"\n'
     install = f'cp "{fake_bin}/ollama.txt" "{fake_bin}/ollama" && chmod +x "{fake_bin}/ollama"'
     write_command(fake_bin, "curl", f"#!/bin/sh\n{record}echo '{install}'\n")
     write_command(fake_bin, "apt-get", f"#!/bin/sh\n{record}")
+
+
+def test_off_colab_the_ollama_cell_does_nothing(fake_bin, monkeypatch):
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    write_command(fake_bin, "ollama", fake_ollama())
+    assert run_cell(colab_cell.ollama_cell_source(), {"JUDGE_MODEL": "llama3"}) == ""
+    assert calls(fake_bin) == []
+
+
+def test_on_colab_the_ollama_cell_starts_the_server_and_pulls_the_judge(colab_module, fake_bin):
+    write_command(fake_bin, "ollama", fake_ollama())
+    printed = run_cell(colab_cell.ollama_cell_source(), {"JUDGE_MODEL": "llama3"})
+    assert calls(fake_bin) == ["ollama serve", "ollama pull llama3"]
+    assert f"Ollama is running at {os.environ['OLLAMA_HOST']}." in printed
+    assert "llama3 is ready" in printed
+
+    # run again: the server is up, so only the pull is repeated (Ollama skips what it has)
+    colab.start_ollama("llama3")
+    assert calls(fake_bin) == ["ollama serve", "ollama pull llama3", "ollama pull llama3"]
+    with pytest.raises(RuntimeError, match="(?s)ollama pull no-such-model failed.*does not exist"):
+        colab.start_ollama("no-such-model")
+
+
+def test_on_colab_ollama_is_installed_first(colab_module, fake_bin):
+    assert shutil.which("ollama") is None, "this test needs a machine without ollama"
+    installer_stand_ins(fake_bin)
     write_command(fake_bin, "zstd", "#!/bin/sh\n")
     write_command(fake_bin, "lspci", "#!/bin/sh\n")
 
-    run_cell(colab_cell.ollama_cell_source(), {"JUDGE_MODEL": "phi3"})
+    colab.start_ollama("phi3")
 
     assert calls(fake_bin) == [
         "curl -fsSL https://ollama.com/install.sh",
@@ -287,12 +318,8 @@ def test_on_colab_the_ollama_cell_installs_ollama_first(colab, fake_bin):
     ]
 
 
-def test_the_ollama_cell_installs_zstd_and_pciutils_when_missing(colab, fake_bin, monkeypatch):
-    write_command(fake_bin, "ollama.txt", FAKE_OLLAMA.format(python=sys.executable))
-    record = f'echo "$(basename "$0") $*" >> "{fake_bin}/calls.log"\n'
-    install = f'cp "{fake_bin}/ollama.txt" "{fake_bin}/ollama" && chmod +x "{fake_bin}/ollama"'
-    write_command(fake_bin, "curl", f"#!/bin/sh\n{record}echo '{install}'\n")
-    write_command(fake_bin, "apt-get", f"#!/bin/sh\n{record}")
+def test_zstd_and_pciutils_are_installed_when_missing(colab_module, fake_bin, monkeypatch):
+    installer_stand_ins(fake_bin)
     # a PATH where only the stand-ins and the basic tools are found, so zstd and lspci are not
     basics = fake_bin / "basics"
     basics.mkdir()
@@ -300,7 +327,7 @@ def test_the_ollama_cell_installs_zstd_and_pciutils_when_missing(colab, fake_bin
         os.symlink(shutil.which(tool), basics / tool)
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{basics}")
 
-    run_cell(colab_cell.ollama_cell_source(), {"JUDGE_MODEL": "llama3"})
+    colab.start_ollama("llama3")
 
     assert calls(fake_bin)[:3] == [
         "apt-get update -qq",
@@ -309,8 +336,15 @@ def test_the_ollama_cell_installs_zstd_and_pciutils_when_missing(colab, fake_bin
     ]
 
 
+def test_a_server_that_does_not_start_is_reported_with_its_log(colab_module, fake_bin, monkeypatch):
+    write_command(fake_bin, "ollama", "#!/bin/sh\necho 'Error: could not bind' >&2\nexit 1\n")
+    monkeypatch.setattr(colab, "OLLAMA_START_SECONDS", 1)
+    with pytest.raises(RuntimeError, match=r"Ollama did not start within 1 s: see .*ollama.log"):
+        colab.start_ollama("llama3")
+
+
 # ---------------------------------------------------------------------------
-# The script that puts the cells into the notebooks
+# The script that puts the cells into the notebooks (on copies only)
 # ---------------------------------------------------------------------------
 
 
@@ -320,7 +354,7 @@ def make_course(root: Path) -> None:
     for name in COURSE_NAMES:
         nb = nbformat.v4.new_notebook()
         parameters = nbformat.v4.new_code_cell(
-            'import helpers\nJUDGE_MODEL = helpers.setting("COURSE_JUDGE_MODEL", "llama3")',
+            'from course.settings import setting\nJUDGE_MODEL = setting("COURSE_JUDGE_MODEL")',
             metadata={"tags": ["parameters"]},
         )
         nb.cells = [
@@ -379,15 +413,30 @@ def test_the_script_inserts_the_cells_once_and_updates_them_in_place(tmp_path, m
     for name in COURSE_NAMES:
         nb = nbformat.read(root / name, as_version=4)
         assert len(nb.cells) == (10 if name.startswith("09_") else 6)
-        assert (
-            'COURSE_REPOSITORY = "https://github.com/test-owner/renamed-course.git"'
-            in nb.cells[2].source
-        )
+        cell = nb.cells[2].source
+        assert 'COURSE_REPOSITORY = "https://github.com/test-owner/renamed-course.git"' in cell
+        assert 'os.path.isdir("renamed-course")' in cell and 'os.chdir("renamed-course")' in cell
         assert "github/test-owner/renamed-course/blob/main/" + name in nb.cells[1].source
     readme = (root / "README.md").read_text()
     assert "old" not in readme and readme.endswith("\n\nMore.\n")
     link = "https://colab.research.google.com/github/test-owner/renamed-course/blob/main/"
     assert readme.count(link) == 9
+
+
+def test_an_old_colab_cell_is_replaced_and_its_outputs_cleared(tmp_path):
+    root = tmp_path / "course"
+    make_course(root)
+    colab_cell.main([], root=root)
+    path = root / COURSE_NAMES[0]
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[2].source = "# Google Colab set-up: an old, 64-line version\nprint('old')"
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="old\n")]
+    nb.cells[2].execution_count = 1
+    nbformat.write(nb, path)
+    assert colab_cell.main([], root=root) == 0
+    cell = nbformat.read(path, as_version=4).cells[2]
+    assert cell.source == colab_cell.setup_cell_source()
+    assert cell.outputs == [] and cell.execution_count is None
 
 
 def test_the_check_names_a_notebook_without_the_cells(tmp_path, capsys):
@@ -412,24 +461,30 @@ def test_notebook_09_needs_a_parameters_cell(tmp_path, capsys):
 
 
 def test_the_script_works_on_copies_of_the_course_notebooks(tmp_path):
-    """The notebooks in the repository as they are now, with the script applied to copies."""
+    """The notebooks in the repository as they are now (10 included, if it is there),
+    with the script applied to copies in a temporary folder."""
     root = tmp_path / "course"
-    make_course(root)
-    for path in colab_cell.find_notebooks(ROOT):
+    root.mkdir()
+    originals = colab_cell.find_notebooks(ROOT)
+    assert [p.name for p in originals][:9] == COURSE_NAMES
+    for path in originals:
         shutil.copy(path, root / path.name)
+    before = {p.name: p.read_bytes() for p in originals}
     assert colab_cell.main([], root=root) == 0
     for path in colab_cell.find_notebooks(root):
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
         assert colab_cell.problems_in_notebook(nb, path.name) == []
         assert nb.cells[0].cell_type == "markdown"
+        setup = next(c for c in nb.cells if c.cell_type == "code")
+        assert setup.source == colab_cell.setup_cell_source() and setup.outputs == []
     assert colab_cell.main(["--check"], root=root) == 0
+    assert {p.name: p.read_bytes() for p in originals} == before  # the originals untouched
 
 
-def test_every_course_notebook_carries_the_current_colab_cells(machine, pip, monkeypatch):
-    """Fails until `python tools/colab_cell.py` has been run on the nine notebooks."""
+def test_every_course_notebook_carries_the_current_colab_cells(machine, monkeypatch):
+    """Fails until `python tools/colab_cell.py` has been run on the course's notebooks."""
     notebooks = colab_cell.find_notebooks(ROOT)
-    assert [p.name for p in notebooks] == COURSE_NAMES
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
@@ -442,13 +497,18 @@ def test_every_course_notebook_carries_the_current_colab_cells(machine, pip, mon
 
 def test_the_readme_links_every_notebook():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    for name in COURSE_NAMES:
-        assert colab_cell.colab_link(name) in text
+    for path in colab_cell.find_notebooks(ROOT):
+        assert colab_cell.colab_link(path.name) in text
     assert "tools/colab_cell.py" in text
 
 
 def test_the_cells_are_short_lines_of_python():
-    for source in (colab_cell.setup_cell_source(), colab_cell.ollama_cell_source()):
+    setup, ollama = colab_cell.setup_cell_source(), colab_cell.ollama_cell_source()
+    for source in (setup, ollama):
         compile(source, "<cell>", "exec")
         assert all(len(line) <= 100 for line in source.splitlines())
         assert source.startswith("# Google Colab") and not source.endswith("\n")
+    code_lines = [line for line in setup.splitlines() if line.strip()]
+    assert len(code_lines) <= 13  # "about ten lines": the work is in course/colab.py
+    assert "course.colab.setup(" in setup and "course.colab.start_ollama(JUDGE_MODEL)" in ollama
+    assert len([line for line in ollama.splitlines() if line.strip()]) == 3

@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 from http_fixtures import FileServer, closed_port_url, no_proxy  # noqa: F401
 
+import course.data
 import helpers
+from course.artifacts import sha256_of_file, split_path, write_atomic, write_json
+from course.data import (
+    DATA_SHA256,
+    DatasetError,
+    data_fingerprint,
+    load_instruction_data,
+    load_split,
+    save_split,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,11 +63,11 @@ def test_shipped_file_sha256(name):
     path = ROOT / name
     assert path.is_file(), f"{name} is missing from the repository"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == EXPECTED_SHA256[name]
-    assert helpers.sha256_of_file(path) == EXPECTED_SHA256[name]
+    assert sha256_of_file(path) == EXPECTED_SHA256[name]
 
 
 def test_helpers_knows_the_dataset_sum():
-    assert helpers.DATA_SHA256 == EXPECTED_SHA256["instruction-data.json"]
+    assert DATA_SHA256 == EXPECTED_SHA256["instruction-data.json"]
 
 
 def test_book_reference_responses_are_the_test_split(data):
@@ -78,12 +88,12 @@ def test_download_only_when_missing(tmp_path, no_proxy):  # noqa: F811
         url = server.url + "/data/instruction-data.json"
         target = tmp_path / "sub" / "instruction-data.json"
 
-        first = helpers.download_and_load_file(target, url)
+        first = load_instruction_data(target, url)
         assert len(server.requests) == 1
         assert target.read_bytes() == source
         assert len(first) == 1100
 
-        second = helpers.download_and_load_file(target, url)
+        second = load_instruction_data(target, url)
         assert len(server.requests) == 1, "the file exists: nothing should be downloaded"
         assert second == first
     assert sorted(p.name for p in target.parent.iterdir()) == ["instruction-data.json"]
@@ -95,14 +105,14 @@ def test_download_cut_off_keeps_no_half_file_and_resumes(tmp_path, no_proxy):  #
     with FileServer({path: source}, cut_once=(path,)) as server:
         target = tmp_path / "instruction-data.json"
         with pytest.raises(ConnectionError, match="instruction-data.json"):
-            helpers.download_and_load_file(target, server.url + path)
+            load_instruction_data(target, server.url + path)
         assert server.requests_for(path)[0]["status"] == 200
         # the bytes so far wait under another name: the dataset file itself is absent
         assert not target.exists(), "a cut-off download must not leave a half dataset file"
         assert [p.name for p in tmp_path.iterdir()] == ["instruction-data.json.part"]
 
         # the next attempt asks only for the rest
-        data = helpers.download_and_load_file(target, server.url + path)
+        data = load_instruction_data(target, server.url + path)
         second = server.requests_for(path)[1]
     assert second["range"] == f"bytes={len(source) // 2}-" and second["status"] == 206
     assert target.read_bytes() == source
@@ -115,19 +125,19 @@ def test_download_checks_the_sha256(tmp_path, monkeypatch, no_proxy):  # noqa: F
     tampered = source.replace(b"Occasion", b"Ocasion", 1)
     with FileServer({"/good.json": source, "/bad.json": tampered}) as server:
         target = tmp_path / "instruction-data.json"
-        with pytest.raises(helpers.DatasetError, match="SHA-256"):
-            helpers.download_and_load_file(
+        with pytest.raises(DatasetError, match="SHA-256"):
+            load_instruction_data(
                 target, server.url + "/bad.json", EXPECTED_SHA256["instruction-data.json"]
             )
         assert list(tmp_path.iterdir()) == [], "a file with the wrong checksum is deleted"
 
         # the book's URL is checked against DATA_SHA256 without being asked
-        monkeypatch.setattr(helpers, "DATA_URL", server.url + "/bad.json")
-        with pytest.raises(helpers.DatasetError, match="SHA-256"):
-            helpers.download_and_load_file(target, helpers.DATA_URL)
+        monkeypatch.setattr(course.data, "DATA_URL", server.url + "/bad.json")
+        with pytest.raises(DatasetError, match="SHA-256"):
+            load_instruction_data(target, course.data.DATA_URL)
         assert not target.exists()
 
-        data = helpers.download_and_load_file(
+        data = load_instruction_data(
             target, server.url + "/good.json", EXPECTED_SHA256["instruction-data.json"]
         )
     assert len(data) == 1100 and target.read_bytes() == source
@@ -138,7 +148,7 @@ def test_download_http_error_is_clear(tmp_path, no_proxy):  # noqa: F811
     with FileServer({}) as server:
         url = server.url + "/missing.json"
         with pytest.raises(ConnectionError) as info:
-            helpers.download_and_load_file(target, url)
+            load_instruction_data(target, url)
     message = str(info.value)
     assert url in message and "404" in message and str(target) in message
     assert not target.exists()
@@ -148,7 +158,7 @@ def test_download_refused_connection_is_clear(tmp_path, no_proxy):  # noqa: F811
     target = tmp_path / "instruction-data.json"
     url = closed_port_url() + "/instruction-data.json"
     with pytest.raises(ConnectionError, match="Could not download"):
-        helpers.download_and_load_file(target, url)
+        load_instruction_data(target, url)
     assert not target.exists()
 
 
@@ -183,8 +193,8 @@ def test_malformed_dataset_file(tmp_path, case):
     path = tmp_path / f"{case}.json"
     path.write_text(text, encoding="utf-8")
     # the file exists, so nothing is downloaded: a dead URL proves it
-    with pytest.raises(helpers.DatasetError) as info:
-        helpers.download_and_load_file(path, closed_port_url() + "/unused.json")
+    with pytest.raises(DatasetError) as info:
+        load_instruction_data(path, closed_port_url() + "/unused.json")
     message = str(info.value)
     assert str(path) in message, message
     for part in expected_parts:
@@ -193,7 +203,7 @@ def test_malformed_dataset_file(tmp_path, case):
 
 
 def test_extra_fields_are_allowed():
-    data = helpers.download_and_load_file(ROOT / "book-reference-responses.json", "unused")
+    data = load_instruction_data(ROOT / "book-reference-responses.json", "unused")
     assert len(data) == 110
 
 
@@ -257,10 +267,10 @@ def test_save_and_load_split(tmp_path, data):
     data_file = tmp_path / "instruction-data.json"
     data_file.write_text(json.dumps(data), encoding="utf-8")
     split_file = tmp_path / "artifacts" / "split.json"
-    saved = helpers.save_split(data, split_file)
-    assert saved["source_fingerprint"] == helpers.data_fingerprint(data)
+    saved = save_split(data, split_file)
+    assert saved["source_fingerprint"] == data_fingerprint(data)
 
-    train_data, val_data, test_data = helpers.load_split(split_file, data_file=data_file)
+    train_data, val_data, test_data = load_split(split_file, data_file=data_file)
     assert (train_data, val_data, test_data) == helpers.split_data(data)
 
 
@@ -268,24 +278,24 @@ def test_load_split_detects_a_changed_dataset(tmp_path, data):
     data_file = tmp_path / "instruction-data.json"
     data_file.write_text(json.dumps(data), encoding="utf-8")
     split_file = tmp_path / "split.json"
-    helpers.save_split(data, split_file)
+    save_split(data, split_file)
 
     changed = [dict(entry) for entry in data]
     changed[3]["output"] += " (edited)"
     data_file.write_text(json.dumps(changed), encoding="utf-8")
     with pytest.raises(RuntimeError, match="01_dataset_download_and_formatting"):
-        helpers.load_split(split_file, data_file=data_file)
+        load_split(split_file, data_file=data_file)
 
 
 def test_fingerprint_ignores_formatting_but_not_content(data):
     reformatted = json.loads(json.dumps(data, indent=4))
-    assert helpers.data_fingerprint(reformatted) == helpers.data_fingerprint(data)
-    assert helpers.data_fingerprint(data[:-1]) != helpers.data_fingerprint(data)
+    assert data_fingerprint(reformatted) == data_fingerprint(data)
+    assert data_fingerprint(data[:-1]) != data_fingerprint(data)
 
 
 def test_load_split_missing_names_notebook_01(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        helpers.load_split(tmp_path / "split.json")
+        load_split(tmp_path / "split.json")
     message = str(info.value)
     assert "01_dataset_download_and_formatting" in message
     assert "split.json" in message
@@ -293,10 +303,10 @@ def test_load_split_missing_names_notebook_01(tmp_path):
 
 def test_split_path_follows_course_artifacts(tmp_path, monkeypatch, data):
     monkeypatch.setenv("COURSE_ARTIFACTS", str(tmp_path / "my-artifacts"))
-    assert helpers.split_path() == tmp_path / "my-artifacts" / "split.json"
-    helpers.save_split(data)
+    assert split_path() == tmp_path / "my-artifacts" / "split.json"
+    save_split(data)
     assert (tmp_path / "my-artifacts" / "split.json").is_file()
-    train_data, _, _ = helpers.load_split(data_file=ROOT / "instruction-data.json")
+    train_data, _, _ = load_split(data_file=ROOT / "instruction-data.json")
     assert train_data == data[:935]
 
 
@@ -305,21 +315,21 @@ def test_split_path_follows_course_artifacts(tmp_path, monkeypatch, data):
 
 def test_write_atomic_leaves_no_temporary_file(tmp_path):
     target = tmp_path / "out" / "file.json"
-    helpers.write_json_atomic(target, {"a": [1, 2]})
+    write_json(target, {"a": [1, 2]})
     assert json.loads(target.read_text(encoding="utf-8")) == {"a": [1, 2]}
     assert [p.name for p in target.parent.iterdir()] == ["file.json"]
 
 
 def test_write_atomic_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     target = tmp_path / "file.json"
-    helpers.write_json_atomic(target, {"old": True})
+    write_json(target, {"old": True})
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)  # fails after the bytes were written
     with pytest.raises(OSError, match="No space left"):
-        helpers.write_json_atomic(target, {"new": True})
+        write_json(target, {"new": True})
     assert json.loads(target.read_text(encoding="utf-8")) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["file.json"]
 
@@ -328,5 +338,5 @@ def test_write_atomic_file_mode_is_like_a_normal_file(tmp_path):
     normal = tmp_path / "normal.txt"
     normal.write_bytes(b"x")
     atomic = tmp_path / "atomic.txt"
-    helpers.write_atomic(atomic, b"x")
+    write_atomic(atomic, b"x")
     assert stat.S_IMODE(os.stat(atomic).st_mode) == stat.S_IMODE(os.stat(normal).st_mode)

@@ -12,6 +12,9 @@ import pytest
 import torch
 
 import helpers
+from course.hardware import choose_device, torch_version_at_least
+from course.settings import model_config
+from course.training import check_initial_loss
 
 
 @pytest.fixture
@@ -19,9 +22,9 @@ def fake_machine(monkeypatch):
     """Fake the PyTorch version and which GPUs are available."""
 
     def make(version: str, cuda: bool = False, mps: bool = False) -> None:
-        monkeypatch.setattr(helpers.torch, "__version__", version)
-        monkeypatch.setattr(helpers.torch.cuda, "is_available", lambda: cuda)
-        monkeypatch.setattr(helpers.torch.backends.mps, "is_available", lambda: mps)
+        monkeypatch.setattr(torch, "__version__", version)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
 
     return make
 
@@ -41,8 +44,8 @@ def fake_machine(monkeypatch):
 )
 def test_mps_only_from_pytorch_2_9(fake_machine, capsys, version, expected):
     fake_machine(version, mps=True)
-    assert helpers.choose_device() == torch.device(expected)
-    assert helpers.choose_device("mps") == torch.device(expected)
+    assert choose_device() == torch.device(expected)
+    assert choose_device("mps") == torch.device(expected)
     out = capsys.readouterr().out
     if expected == "cpu":
         # it says why, twice (once per call), naming the version and the fix
@@ -54,39 +57,39 @@ def test_mps_only_from_pytorch_2_9(fake_machine, capsys, version, expected):
 
 def test_cuda_comes_first(fake_machine, capsys):
     fake_machine("2.8.0", cuda=True, mps=True)
-    assert helpers.choose_device() == torch.device("cuda")
-    assert helpers.choose_device("cuda") == torch.device("cuda")
+    assert choose_device() == torch.device("cuda")
+    assert choose_device("cuda") == torch.device("cuda")
     assert capsys.readouterr().out == ""
 
 
 def test_cpu_when_nothing_else(fake_machine, capsys):
     fake_machine("2.13.0")
-    assert helpers.choose_device() == torch.device("cpu")
+    assert choose_device() == torch.device("cpu")
     assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("prefer", ["cuda", "mps"])
 def test_asking_for_a_missing_device_falls_back_with_a_message(fake_machine, capsys, prefer):
     fake_machine("2.13.0")
-    assert helpers.choose_device(prefer) == torch.device("cpu")
+    assert choose_device(prefer) == torch.device("cpu")
     assert f"{prefer} was asked for but is not available: using the CPU." in capsys.readouterr().out
 
 
 def test_cuda_asked_for_on_a_mac_is_not_mps(fake_machine, capsys):
     fake_machine("2.13.0", mps=True)
-    assert helpers.choose_device("cuda") == torch.device("cpu")
+    assert choose_device("cuda") == torch.device("cpu")
     assert "cuda was asked for" in capsys.readouterr().out
 
 
 def test_cpu_can_be_forced(fake_machine):
     fake_machine("2.13.0", cuda=True, mps=True)
-    assert helpers.choose_device("cpu") == torch.device("cpu")
+    assert choose_device("cpu") == torch.device("cpu")
 
 
 def test_unknown_device_name(fake_machine):
     fake_machine("2.13.0")
     with pytest.raises(ValueError, match='"auto", "cuda", "mps" or "cpu"'):
-        helpers.choose_device("gpu")
+        choose_device("gpu")
 
 
 @pytest.mark.parametrize(
@@ -103,7 +106,7 @@ def test_unknown_device_name(fake_machine):
     ],
 )
 def test_torch_version_at_least(version, minimum, expected):
-    assert helpers.torch_version_at_least(version, minimum) is expected
+    assert torch_version_at_least(version, minimum) is expected
 
 
 # --- the initial-loss sanity check -----------------------------------------------------
@@ -111,14 +114,14 @@ def test_torch_version_at_least(version, minimum, expected):
 
 @pytest.mark.parametrize("name", ["gpt2-medium (355M)", "gpt2-medium", "355M"])
 def test_initial_loss_like_the_books_passes(capsys, name):
-    assert helpers.check_initial_loss(3.762, name) is True
+    assert check_initial_loss(3.762, name) is True
     out = capsys.readouterr().out
     assert "3.762" in out and "as expected" in out and "WARNING" not in out
 
 
 @pytest.mark.parametrize("loss", [19.9, 10.8, 2.9, float("nan"), float("inf")])
 def test_initial_loss_far_from_the_books_warns(capsys, loss):
-    assert helpers.check_initial_loss(loss, "gpt2-medium") is False
+    assert check_initial_loss(loss, "gpt2-medium") is False
     out = capsys.readouterr().out
     assert out.startswith("WARNING")
     assert "3.762" in out  # the book's number
@@ -126,22 +129,22 @@ def test_initial_loss_far_from_the_books_warns(capsys, loss):
 
 
 def test_initial_loss_tolerance():
-    assert helpers.check_initial_loss(3.762 + 0.49, "gpt2-medium") is True
-    assert helpers.check_initial_loss(3.762 - 0.49, "gpt2-medium") is True
-    assert helpers.check_initial_loss(3.762 + 0.51, "gpt2-medium") is False
-    assert helpers.check_initial_loss(3.9, "gpt2-medium", tolerance=0.1) is False
+    assert check_initial_loss(3.762 + 0.49, "gpt2-medium") is True
+    assert check_initial_loss(3.762 - 0.49, "gpt2-medium") is True
+    assert check_initial_loss(3.762 + 0.51, "gpt2-medium") is False
+    assert check_initial_loss(3.9, "gpt2-medium", tolerance=0.1) is False
 
 
 @pytest.mark.parametrize("name", ["gpt2-small", "gpt2-large", "gpt2-xl"])
 def test_initial_loss_of_other_sizes_only_rules_out_nonsense(capsys, name):
-    assert helpers.check_initial_loss(4.2, name) is True
+    assert check_initial_loss(4.2, name) is True
     assert "WARNING" not in capsys.readouterr().out
-    assert helpers.check_initial_loss(19.9, name) is False
+    assert check_initial_loss(19.9, name) is False
     assert "random guessing gives 10.8" in capsys.readouterr().out
 
 
 def test_initial_loss_of_the_offline_model_says_it_means_nothing(capsys):
-    assert helpers.check_initial_loss(10.83, "offline") is True
+    assert check_initial_loss(10.83, "offline") is True
     out = capsys.readouterr().out
     assert "random weights" in out and "says nothing" in out and "WARNING" not in out
 
@@ -149,12 +152,12 @@ def test_initial_loss_of_the_offline_model_says_it_means_nothing(capsys):
 def test_a_model_without_its_weights_is_caught():
     """A GPTModel whose pretrained weights were never loaded: the loss of guessing."""
     torch.manual_seed(123)
-    model = helpers.GPTModel(helpers.model_config("offline"))
+    model = helpers.GPTModel(model_config("offline"))
     model.eval()
     tokens = torch.randint(0, 50257, (2, 17))
     with torch.no_grad():
         loss = helpers.calc_loss_batch(tokens[:, :-1], tokens[:, 1:], model, "cpu").item()
     assert abs(loss - math.log(50257)) < 1.0, loss  # about 10.8: no better than guessing
-    assert helpers.check_initial_loss(loss, "offline") is True
-    assert helpers.check_initial_loss(loss, "gpt2-medium") is False
-    assert helpers.check_initial_loss(loss, "gpt2-small") is False
+    assert check_initial_loss(loss, "offline") is True
+    assert check_initial_loss(loss, "gpt2-medium") is False
+    assert check_initial_loss(loss, "gpt2-small") is False

@@ -13,6 +13,7 @@ from gpt2_fixtures import offline_gpt2_files  # noqa: F401
 from http_fixtures import FileServer, closed_port_url, no_proxy  # noqa: F401
 
 import helpers
+from course.weights import load_gpt2
 
 SIZE = "124M"
 BIG = "model.ckpt.data-00000-of-00001"
@@ -30,7 +31,7 @@ def path_of(name: str) -> str:
 
 def download(tmp_path, base_url: str, backup_base_url: str):
     """OpenAI's TensorFlow files only: the safetensors fallback has tests of its own."""
-    return helpers.download_and_load_gpt2(
+    return load_gpt2(
         SIZE,
         tmp_path,
         base_url=base_url + "/gpt-2/models",

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import helpers
+from course.settings import OFFLINE_MODEL, model_config, model_file_stem, resolve_model_name
 
 TINY = {
     "vocab_size": 50,
@@ -58,7 +59,7 @@ def meta_model(cfg: dict) -> helpers.GPTModel:
 
 
 def test_gpt2_small_state_dict_names_and_shapes():
-    cfg = helpers.model_config("gpt2-small (124M)")
+    cfg = model_config("gpt2-small (124M)")
     assert cfg == {
         "vocab_size": 50257,
         "context_length": 1024,
@@ -93,7 +94,7 @@ def test_gpt2_small_state_dict_names_and_shapes():
     ],
 )
 def test_parameter_counts(name, qkv_bias, expected):
-    cfg = {**helpers.model_config(name), "qkv_bias": qkv_bias}
+    cfg = {**model_config(name), "qkv_bias": qkv_bias}
     model = meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     assert total == expected
@@ -102,13 +103,13 @@ def test_parameter_counts(name, qkv_bias, expected):
 
 
 def test_model_names_resolve():
-    assert helpers.resolve_model_name("gpt2-medium") == "gpt2-medium (355M)"
-    assert helpers.resolve_model_name("355M") == "gpt2-medium (355M)"
-    assert helpers.resolve_model_name("offline") == helpers.OFFLINE_MODEL
-    assert helpers.model_file_stem("gpt2-medium (355M)") == "gpt2-medium355M"
-    assert helpers.model_file_stem("offline") == "offlinetiny"
+    assert resolve_model_name("gpt2-medium") == "gpt2-medium (355M)"
+    assert resolve_model_name("355M") == "gpt2-medium (355M)"
+    assert resolve_model_name("offline") == OFFLINE_MODEL
+    assert model_file_stem("gpt2-medium (355M)") == "gpt2-medium355M"
+    assert model_file_stem("offline") == "offlinetiny"
     with pytest.raises(ValueError, match="gpt2-small"):
-        helpers.resolve_model_name("gpt3")
+        resolve_model_name("gpt3")
 
 
 # --- an independent module tree with the book's names -------------------------

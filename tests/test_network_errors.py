@@ -23,7 +23,11 @@ from pathlib import Path
 import pytest
 from http_fixtures import FileServer, closed_port_url, no_proxy  # noqa: F401
 
+import course.data
 import helpers
+from course.artifacts import sha256_of_file
+from course.data import DATA_SHA256, DatasetError, load_instruction_data
+from course.weights import describe_network_error, download_file, download_gpt2_tf_files, load_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = (ROOT / "instruction-data.json").read_bytes()
@@ -199,9 +203,9 @@ def assert_certificate_advice(message: str) -> None:
 def test_tls_failure_from_download_file(https_server, tmp_path):
     target = tmp_path / "instruction-data.json"
     with pytest.raises(urllib.error.URLError) as info:
-        helpers.download_file(https_server.url + "/instruction-data.json", target)
+        download_file(https_server.url + "/instruction-data.json", target)
     assert isinstance(info.value.reason, ssl.SSLCertVerificationError)
-    assert_certificate_advice(helpers.describe_network_error(info.value))
+    assert_certificate_advice(describe_network_error(info.value))
     assert list(tmp_path.iterdir()) == [], "nothing may be written when TLS fails"
 
 
@@ -209,7 +213,7 @@ def test_tls_failure_from_download_and_load_file(https_server, tmp_path):
     target = tmp_path / "instruction-data.json"
     url = https_server.url + "/instruction-data.json"
     with pytest.raises(ConnectionError) as info:
-        helpers.download_and_load_file(target, url)
+        load_instruction_data(target, url)
     message = str(info.value)
     assert_certificate_advice(message)
     assert url in message and str(target) in message
@@ -220,8 +224,8 @@ def test_the_advised_fix_works(https_server, certificate, tmp_path, monkeypatch)
     """Trusting the certificate through SSL_CERT_FILE, as the message says, works."""
     monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
     target = tmp_path / "instruction-data.json"
-    data = helpers.download_and_load_file(
-        target, https_server.url + "/instruction-data.json", expected_sha256=helpers.DATA_SHA256
+    data = load_instruction_data(
+        target, https_server.url + "/instruction-data.json", expected_sha256=DATA_SHA256
     )
     assert len(data) == 1100
     assert target.read_bytes() == DATASET
@@ -229,7 +233,7 @@ def test_the_advised_fix_works(https_server, certificate, tmp_path, monkeypatch)
 
 def test_tls_failure_from_openais_hosts(https_server, tmp_path):
     with pytest.raises(ConnectionError) as info:
-        helpers.download_gpt2_tf_files(
+        download_gpt2_tf_files(
             "124M",
             tmp_path,
             base_url=https_server.url + "/openai",
@@ -247,7 +251,7 @@ def test_tls_failure_from_openais_hosts(https_server, tmp_path):
 
 def test_tls_failure_from_download_and_load_gpt2(https_server, tmp_path):
     with pytest.raises(ConnectionError) as info:
-        helpers.download_and_load_gpt2(
+        load_gpt2(
             "124M",
             tmp_path,
             base_url=https_server.url,
@@ -266,7 +270,7 @@ def test_tls_failure_from_download_and_load_gpt2(https_server, tmp_path):
 def test_refused_connection_mentions_connection_and_proxy(tmp_path, no_proxy):  # noqa: F811
     target = tmp_path / "instruction-data.json"
     with pytest.raises(ConnectionError) as info:
-        helpers.download_and_load_file(target, closed_port_url() + "/instruction-data.json")
+        load_instruction_data(target, closed_port_url() + "/instruction-data.json")
     message = str(info.value)
     assert "Connection refused" in message
     assert "Check the internet connection" in message and "HTTPS_PROXY=" in message
@@ -281,7 +285,7 @@ def test_unreachable_proxy_is_named(tmp_path, monkeypatch, fresh_opener):
         monkeypatch.delenv(name, raising=False)
     url = "http://course-data.invalid/instruction-data.json"  # only the proxy would look it up
     with pytest.raises(ConnectionError) as info:
-        helpers.download_and_load_file(tmp_path / "data.json", url)
+        load_instruction_data(tmp_path / "data.json", url)
     message = str(info.value)
     assert "Connection refused" in message
     assert "through the proxy " + proxy.replace("student:secret@", "") in message
@@ -297,7 +301,7 @@ def test_proxy_asking_for_a_password(tmp_path, monkeypatch, fresh_opener):
             monkeypatch.delenv(name, raising=False)
         url = "http://course-data.invalid/instruction-data.json"
         with pytest.raises(ConnectionError) as info:
-            helpers.download_and_load_file(tmp_path / "data.json", url)
+            load_instruction_data(tmp_path / "data.json", url)
         # the request really went to the proxy, for the full URL
         assert proxy.requests and proxy.requests[0]["path"] == url
     message = str(info.value)
@@ -317,14 +321,14 @@ def test_checksum_mismatch_is_rejected_and_nothing_is_kept(tmp_path, no_proxy): 
     assert tampered_dataset() != DATASET
     target = tmp_path / "instruction-data.json"
     with FileServer({"/instruction-data.json": tampered_dataset()}) as server:
-        with pytest.raises(helpers.DatasetError) as info:
-            helpers.download_and_load_file(
+        with pytest.raises(DatasetError) as info:
+            load_instruction_data(
                 target,
                 server.url + "/instruction-data.json",
-                expected_sha256=helpers.DATA_SHA256,
+                expected_sha256=DATA_SHA256,
             )
     message = str(info.value)
-    assert helpers.DATA_SHA256 in message and "SHA-256" in message
+    assert DATA_SHA256 in message and "SHA-256" in message
     assert "deleted" in message and "Run the cell again" in message
     assert list(tmp_path.iterdir()) == [], "a file that failed its checksum must not stay"
 
@@ -334,24 +338,24 @@ def test_canonical_url_is_always_checked(tmp_path, monkeypatch, no_proxy):  # no
     with FileServer(
         {"/good/instruction-data.json": DATASET, "/bad/instruction-data.json": tampered_dataset()}
     ) as server:
-        monkeypatch.setattr(helpers, "DATA_URL", server.url + "/bad/instruction-data.json")
-        with pytest.raises(helpers.DatasetError, match="SHA-256"):
-            helpers.download_and_load_file(tmp_path / "bad.json", helpers.DATA_URL)
+        monkeypatch.setattr(course.data, "DATA_URL", server.url + "/bad/instruction-data.json")
+        with pytest.raises(DatasetError, match="SHA-256"):
+            load_instruction_data(tmp_path / "bad.json", course.data.DATA_URL)
         assert not (tmp_path / "bad.json").exists()
 
-        monkeypatch.setattr(helpers, "DATA_URL", server.url + "/good/instruction-data.json")
-        data = helpers.download_and_load_file(tmp_path / "good.json", helpers.DATA_URL)
+        monkeypatch.setattr(course.data, "DATA_URL", server.url + "/good/instruction-data.json")
+        data = load_instruction_data(tmp_path / "good.json", course.data.DATA_URL)
         assert len(data) == 1100
 
         # from any other address the file is only validated, as the book does
-        other = helpers.download_and_load_file(
+        other = load_instruction_data(
             tmp_path / "other.json", server.url + "/bad/instruction-data.json"
         )
         assert other[0]["output"].startswith("Hacked. ")
 
 
 def test_shipped_dataset_matches_the_checksum():
-    assert helpers.sha256_of_file(ROOT / "instruction-data.json") == helpers.DATA_SHA256
+    assert sha256_of_file(ROOT / "instruction-data.json") == DATA_SHA256
 
 
 # --- resuming -------------------------------------------------------------------------------
@@ -364,13 +368,13 @@ def test_dataset_download_resumes_after_a_dropped_connection(tmp_path, no_proxy)
     with FileServer({path: DATASET}, cut_once=(path,)) as server:
         url = server.url + path
         with pytest.raises(ConnectionError, match="Run the cell again"):
-            helpers.download_and_load_file(target, url, expected_sha256=helpers.DATA_SHA256)
+            load_instruction_data(target, url, expected_sha256=DATA_SHA256)
         assert not target.exists(), "only a whole, checked file gets the final name"
         have = part.stat().st_size
         assert 0 < have < len(DATASET)
         assert DATASET.startswith(part.read_bytes())
 
-        data = helpers.download_and_load_file(target, url, expected_sha256=helpers.DATA_SHA256)
+        data = load_instruction_data(target, url, expected_sha256=DATA_SHA256)
         requests = server.requests_for(path)
     assert [r["range"] for r in requests] == [None, f"bytes={have}-"]
     assert requests[1]["status"] == 206
@@ -387,10 +391,10 @@ def test_resumed_download_of_the_wrong_bytes_is_caught(tmp_path, no_proxy):  # n
     part.write_bytes(b"[" + b" " * 999)  # the first 1000 bytes of something else
     with FileServer({path: DATASET}) as server:
         url = server.url + path
-        with pytest.raises(helpers.DatasetError, match="SHA-256"):
-            helpers.download_and_load_file(target, url, expected_sha256=helpers.DATA_SHA256)
+        with pytest.raises(DatasetError, match="SHA-256"):
+            load_instruction_data(target, url, expected_sha256=DATA_SHA256)
         assert list(tmp_path.iterdir()) == []
-        data = helpers.download_and_load_file(target, url, expected_sha256=helpers.DATA_SHA256)
+        data = load_instruction_data(target, url, expected_sha256=DATA_SHA256)
         ranges = [r["range"] for r in server.requests_for(path)]
     assert ranges == ["bytes=1000-", None]
     assert len(data) == 1100
@@ -402,7 +406,7 @@ def test_part_file_longer_than_the_file_starts_over(tmp_path, no_proxy):  # noqa
     target = tmp_path / "instruction-data.json"
     (tmp_path / "instruction-data.json.part").write_bytes(b"x" * (len(DATASET) + 10))
     with FileServer({path: DATASET}) as server:
-        data = helpers.download_and_load_file(target, server.url + path)
+        data = load_instruction_data(target, server.url + path)
         statuses = [(r["range"], r["status"]) for r in server.requests_for(path)]
     assert statuses == [(f"bytes={len(DATASET) + 10}-", 416), (None, 200)]
     assert len(data) == 1100 and target.read_bytes() == DATASET

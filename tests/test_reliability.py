@@ -43,7 +43,7 @@ def run_on_small_disk(tmp_path: Path, script: str, prepare: str = "") -> dict:
     """
     disk = tmp_path / "disk"
     disk.mkdir()
-    shell = f'mount -t tmpfs -o size=64k tmpfs "$1" || exit 97\n{prepare}\nexec "$2" -c "$3" "$1"'
+    shell = f'mount -t tmpfs -o size=64k tmpfs "$1" || exit\n{prepare}\necho mounted\nexec "$2" -c "$3" "$1"'
     attempts = []
     for unshare in (["unshare", "-m"], ["unshare", "-r", "-m"]):
         done = subprocess.run(
@@ -53,7 +53,7 @@ def run_on_small_disk(tmp_path: Path, script: str, prepare: str = "") -> dict:
             text=True,
             timeout=120,
         )
-        if done.returncode not in (1, 97) or done.stdout.strip():
+        if done.stdout.startswith("mounted"):
             assert done.returncode == 0, done.stderr[-3000:]
             return json.loads(done.stdout.strip().splitlines()[-1])
         attempts.append(f"{' '.join(unshare)}: {done.stderr.strip()[-500:]}")
@@ -153,9 +153,10 @@ SAVER = textwrap.dedent(
 
     path, value, go = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     state = {"w": torch.full((250_000,), value), "step": torch.tensor(int(value))}
+    print("ready", flush=True)
     while not os.path.exists(go):
         time.sleep(0.001)
-    for _ in range(40):
+    for _ in range(20):
         artifacts.torch_save(state, path)
     """
 )
@@ -167,11 +168,14 @@ def test_two_processes_saving_the_same_checkpoint(tmp_path):
         subprocess.Popen(
             [sys.executable, "-c", SAVER, str(path), value, str(go)],
             env=child_env(),
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for value in ("1", "2")
     ]
+    for saver in savers:  # both have imported torch: start them together
+        assert saver.stdout.readline().strip() == "ready"
     go.touch()
     for saver in savers:
         _, stderr = saver.communicate(timeout=120)

@@ -22,6 +22,17 @@ from http_fixtures import FileServer, closed_port_url, no_proxy  # noqa: F401
 from safetensors.numpy import load_file, save_file
 
 import helpers
+from course.settings import model_config
+from course.weights import (
+    SAFETENSORS_FILES,
+    load_gpt2,
+    load_gpt2_from_safetensors,
+    load_gpt2_params_from_tf_ckpt,
+    offline_gpt2_arrays,
+    tf_checkpoint_path,
+    write_offline_gpt2,
+    write_tf_checkpoint,
+)
 
 OFFLINE_SETTINGS = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 64, "n_head": 2, "n_layer": 2}
 
@@ -56,7 +67,7 @@ def tf_offline(tmp_path, offline_gpt2_files, capsys):  # noqa: F811
     for name, data in offline_gpt2_files.items():
         (models_dir / "offline").mkdir(parents=True, exist_ok=True)
         (models_dir / "offline" / name).write_bytes(data)
-    settings, params = helpers.download_and_load_gpt2("offline", models_dir, source="tensorflow")
+    settings, params = load_gpt2("offline", models_dir, source="tensorflow")
     return settings, params, capsys.readouterr().out
 
 
@@ -64,8 +75,8 @@ def tf_offline(tmp_path, offline_gpt2_files, capsys):  # noqa: F811
 def offline_safetensors(tmp_path_factory) -> dict[str, bytes]:
     """{file name: bytes} of the offline model in Hugging Face's form."""
     model_dir = tmp_path_factory.mktemp("st") / "offline"
-    helpers.write_offline_gpt2(model_dir, fmt="safetensors")
-    return {name: (model_dir / name).read_bytes() for name in helpers.SAFETENSORS_FILES}
+    write_offline_gpt2(model_dir, fmt="safetensors")
+    return {name: (model_dir / name).read_bytes() for name in SAFETENSORS_FILES}
 
 
 def hide_tensorflow(monkeypatch, how: str) -> None:
@@ -91,9 +102,7 @@ def hide_tensorflow(monkeypatch, how: str) -> None:
 def test_offline_model_in_both_formats_loads_identically(tmp_path, tf_offline, capsys):
     tf_settings, tf_params, tf_out = tf_offline
     assert "from OpenAI's TensorFlow checkpoint (source: tensorflow)" in tf_out
-    st_settings, st_params = helpers.download_and_load_gpt2(
-        "offline", tmp_path / "st", source="safetensors"
-    )
+    st_settings, st_params = load_gpt2("offline", tmp_path / "st", source="safetensors")
     out = capsys.readouterr().out
     assert "(source: safetensors)" in out and "tensorflow" not in out.lower()
     assert sorted(p.name for p in (tmp_path / "st" / "offline").iterdir()) == [
@@ -105,7 +114,7 @@ def test_offline_model_in_both_formats_loads_identically(tmp_path, tf_offline, c
     assert len(flatten(st_params)) == 4 + 12 * 2
 
     # the two GPTModels, started from different random weights, end up identical
-    cfg = helpers.model_config("offline")
+    cfg = model_config("offline")
     torch.manual_seed(1)
     model_tf = helpers.GPTModel(cfg)
     torch.manual_seed(2)
@@ -123,7 +132,7 @@ def test_offline_model_in_both_formats_loads_identically(tmp_path, tf_offline, c
     assert torch.equal(model_st.out_head.weight, model_st.tok_emb.weight)
     np.testing.assert_array_equal(
         model_st.tok_emb.weight.detach().numpy(),
-        helpers.offline_gpt2_arrays()[0]["model/wte"],
+        offline_gpt2_arrays()[0]["model/wte"],
     )
     tokens = torch.tensor([[15496, 11, 995, 13]])
     with torch.no_grad():
@@ -217,27 +226,25 @@ def test_both_loaders_agree_on_every_tensor_with_distinct_values(tmp_path):
         for n, a in hf.items()
     }
     hparams = {"n_vocab": vocab, "n_ctx": ctx, "n_embd": d, "n_head": 2, "n_layer": n_layer}
-    helpers.write_tf_checkpoint(tmp_path / "tf", openai, hparams)
-    tf_params = helpers.load_gpt2_params_from_tf_ckpt(
-        helpers.tf_checkpoint_path(tmp_path / "tf"), hparams
-    )
+    write_tf_checkpoint(tmp_path / "tf", openai, hparams)
+    tf_params = load_gpt2_params_from_tf_ckpt(tf_checkpoint_path(tmp_path / "tf"), hparams)
     (tmp_path / "st").mkdir()
     save_file(hf, str(tmp_path / "st" / "model.safetensors"))
     config = {"vocab_size": vocab, "n_positions": ctx, "n_embd": d, "n_head": 2, "n_layer": n_layer}
     (tmp_path / "st" / "config.json").write_text(json.dumps(config))
-    settings, st_params = helpers.load_gpt2_from_safetensors(tmp_path / "st")
+    settings, st_params = load_gpt2_from_safetensors(tmp_path / "st")
     assert settings == hparams
     assert_same_params(tf_params, st_params)
     assert len(flatten(st_params)) == len(hf) == 4 + 12 * n_layer
 
 
 def test_writer_keeps_existing_files(tmp_path):
-    model_dir = helpers.write_offline_gpt2(tmp_path / "offline", fmt="safetensors")
-    before = {n: (model_dir / n).stat().st_mtime_ns for n in helpers.SAFETENSORS_FILES}
-    helpers.write_offline_gpt2(model_dir, fmt="safetensors")
-    assert {n: (model_dir / n).stat().st_mtime_ns for n in helpers.SAFETENSORS_FILES} == before
+    model_dir = write_offline_gpt2(tmp_path / "offline", fmt="safetensors")
+    before = {n: (model_dir / n).stat().st_mtime_ns for n in SAFETENSORS_FILES}
+    write_offline_gpt2(model_dir, fmt="safetensors")
+    assert {n: (model_dir / n).stat().st_mtime_ns for n in SAFETENSORS_FILES} == before
     with pytest.raises(ValueError, match="safetensors"):
-        helpers.write_offline_gpt2(tmp_path / "x", fmt="pickle")
+        write_offline_gpt2(tmp_path / "x", fmt="pickle")
 
 
 def test_loader_accepts_prefixed_names_and_skips_buffers(tmp_path, offline_safetensors):
@@ -246,7 +253,7 @@ def test_loader_accepts_prefixed_names_and_skips_buffers(tmp_path, offline_safet
     reference.mkdir()
     for name, data in offline_safetensors.items():
         (reference / name).write_bytes(data)
-    _, expected = helpers.load_gpt2_from_safetensors(reference)
+    _, expected = load_gpt2_from_safetensors(reference)
 
     tensors = load_file(str(reference / "model.safetensors"))
     variant = {f"transformer.{k}": v for k, v in tensors.items()}
@@ -259,7 +266,7 @@ def test_loader_accepts_prefixed_names_and_skips_buffers(tmp_path, offline_safet
     model_dir.mkdir()
     save_file(variant, str(model_dir / "model.safetensors"))
     (model_dir / "config.json").write_bytes(offline_safetensors["config.json"])
-    settings, params = helpers.load_gpt2_from_safetensors(model_dir)
+    settings, params = load_gpt2_from_safetensors(model_dir)
     assert settings == OFFLINE_SETTINGS
     assert_same_params(expected, params)
 
@@ -279,7 +286,7 @@ def write_variant(tmp_path, offline_safetensors, change) -> Path:
 def test_loader_rejects_a_missing_tensor(tmp_path, offline_safetensors):
     model_dir = write_variant(tmp_path, offline_safetensors, lambda t: t.pop("h.1.mlp.c_fc.bias"))
     with pytest.raises(ValueError, match=r"lacks 1 of the 28 .*h\.1\.mlp\.c_fc\.bias.*delete"):
-        helpers.load_gpt2_from_safetensors(model_dir)
+        load_gpt2_from_safetensors(model_dir)
 
 
 def test_loader_rejects_a_foreign_tensor(tmp_path, offline_safetensors):
@@ -288,7 +295,7 @@ def test_loader_rejects_a_foreign_tensor(tmp_path, offline_safetensors):
 
     model_dir = write_variant(tmp_path, offline_safetensors, add_third_layer)
     with pytest.raises(ValueError, match=r"'h\.2\.ln_1\.weight'.*2-layer GPT-2"):
-        helpers.load_gpt2_from_safetensors(model_dir)
+        load_gpt2_from_safetensors(model_dir)
 
 
 def test_loader_rejects_a_truncated_file(tmp_path, offline_safetensors):
@@ -298,12 +305,12 @@ def test_loader_rejects_a_truncated_file(tmp_path, offline_safetensors):
     data = offline_safetensors["model.safetensors"]
     (model_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeError, match="incomplete or corrupted: delete it"):
-        helpers.load_gpt2_from_safetensors(model_dir)
+        load_gpt2_from_safetensors(model_dir)
 
 
 def test_unknown_source(tmp_path):
     with pytest.raises(ValueError, match='"auto", "tensorflow" or "safetensors"'):
-        helpers.download_and_load_gpt2("offline", tmp_path, source="pytorch")
+        load_gpt2("offline", tmp_path, source="pytorch")
 
 
 # --- falling back when TensorFlow cannot be imported --------------------------------
@@ -315,7 +322,7 @@ def test_fallback_when_tensorflow_cannot_be_imported(
 ):
     _, tf_params, _ = tf_offline
     hide_tensorflow(monkeypatch, how)
-    settings, params = helpers.download_and_load_gpt2("offline", tmp_path / "models")
+    settings, params = load_gpt2("offline", tmp_path / "models")
     out = capsys.readouterr().out
     assert "TensorFlow cannot be imported" in out
     assert "(source: safetensors)" in out and "(source: tensorflow)" not in out
@@ -329,7 +336,7 @@ def test_fallback_when_tensorflow_cannot_be_imported(
 def test_source_tensorflow_without_tensorflow_says_what_to_do(tmp_path, monkeypatch):
     hide_tensorflow(monkeypatch, "missing")
     with pytest.raises(ImportError) as info:
-        helpers.download_and_load_gpt2("offline", tmp_path, source="tensorflow")
+        load_gpt2("offline", tmp_path, source="tensorflow")
     message = str(info.value)
     assert "pip install tensorflow" in message and 'source="safetensors"' in message
     assert not (tmp_path / "offline").exists()
@@ -352,7 +359,7 @@ def test_fallback_when_openai_hosts_fail(
         FileServer({}, fail_status=500) as backup,
         FileServer(hf_files) as hugging_face,
     ):
-        settings, params = helpers.download_and_load_gpt2(
+        settings, params = load_gpt2(
             "124M",
             tmp_path,
             base_url=openai.url + "/models",
@@ -370,14 +377,14 @@ def test_fallback_when_openai_hosts_fail(
     assert "Loaded GPT-2 124M" in out
     assert settings == OFFLINE_SETTINGS  # the served config.json's
     assert_same_params(tf_params, params)
-    for name in helpers.SAFETENSORS_FILES:
+    for name in SAFETENSORS_FILES:
         assert (tmp_path / "124M" / name).read_bytes() == offline_safetensors[name]
 
 
 def test_no_fallback_when_tensorflow_is_forced(tmp_path, no_proxy):  # noqa: F811
     with FileServer({}, fail_status=503) as openai, FileServer({}) as hugging_face:
         with pytest.raises(ConnectionError) as info:
-            helpers.download_and_load_gpt2(
+            load_gpt2(
                 "124M",
                 tmp_path,
                 base_url=openai.url,
@@ -394,7 +401,7 @@ def test_both_sources_failing_is_explained(tmp_path, capsys, no_proxy):  # noqa:
     dead = closed_port_url()
     with FileServer({}, fail_status=404) as openai:
         with pytest.raises(ConnectionError) as info:
-            helpers.download_and_load_gpt2(
+            load_gpt2(
                 "355M",
                 tmp_path,
                 base_url=openai.url,

@@ -13,6 +13,13 @@ import torch
 from gpt2_fixtures import offline_gpt2_files  # noqa: F401
 
 import helpers
+from course.settings import model_config
+from course.weights import (
+    load_gpt2,
+    load_gpt2_params_from_tf_ckpt,
+    tf_checkpoint_path,
+    write_tf_checkpoint,
+)
 
 # a tiny GPT-2 in OpenAI's layout; every number distinct, so a mix-up shows
 HPARAMS = {"n_vocab": 11, "n_ctx": 7, "n_embd": 6, "n_head": 2, "n_layer": 2}
@@ -59,7 +66,7 @@ def openai_arrays(seed: int = 7) -> dict[str, np.ndarray]:
 def known_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
     model_dir = tmp_path_factory.mktemp("known-values")
     arrays = openai_arrays()
-    helpers.write_tf_checkpoint(model_dir, arrays, HPARAMS)
+    write_tf_checkpoint(model_dir, arrays, HPARAMS)
     return model_dir, arrays
 
 
@@ -67,7 +74,7 @@ def known_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
 def known_params(known_checkpoint) -> dict:
     model_dir, _ = known_checkpoint
     settings = json.loads((model_dir / "hparams.json").read_text())
-    return helpers.load_gpt2_params_from_tf_ckpt(helpers.tf_checkpoint_path(model_dir), settings)
+    return load_gpt2_params_from_tf_ckpt(tf_checkpoint_path(model_dir), settings)
 
 
 def loaded_model(params: dict) -> helpers.GPTModel:
@@ -236,7 +243,7 @@ def test_wrong_number_of_blocks(known_params):
 
 def test_checkpoint_missing_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="hparams.json"):
-        helpers.tf_checkpoint_path(tmp_path)
+        tf_checkpoint_path(tmp_path)
 
 
 def test_damaged_checkpoint_is_clear(known_checkpoint, tmp_path):
@@ -246,7 +253,7 @@ def test_damaged_checkpoint_is_clear(known_checkpoint, tmp_path):
     index_file = tmp_path / "model.ckpt.index"
     index_file.write_bytes(index_file.read_bytes()[:100])
     with pytest.raises(RuntimeError, match="delete the folder"):
-        helpers.load_gpt2_params_from_tf_ckpt(helpers.tf_checkpoint_path(tmp_path), HPARAMS)
+        load_gpt2_params_from_tf_ckpt(tf_checkpoint_path(tmp_path), HPARAMS)
 
 
 # --- the offline model ------------------------------------------------------
@@ -270,8 +277,8 @@ def test_offline_model_is_deterministic_and_needs_no_network(tmp_path, monkeypat
         raise AssertionError("the offline model must not touch the network")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    settings_a, params_a = helpers.download_and_load_gpt2("offline", tmp_path / "a")
-    settings_b, params_b = helpers.download_and_load_gpt2("offline", tmp_path / "b")
+    settings_a, params_a = load_gpt2("offline", tmp_path / "a")
+    settings_b, params_b = load_gpt2("offline", tmp_path / "b")
     expected = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 64, "n_head": 2, "n_layer": 2}
     assert settings_a == expected
     assert settings_b == expected
@@ -285,7 +292,7 @@ def test_offline_model_is_deterministic_and_needs_no_network(tmp_path, monkeypat
         a_bytes = (tmp_path / "a" / "offline" / name).read_bytes()
         assert a_bytes == (tmp_path / "b" / "offline" / name).read_bytes(), name
     # and they load into the offline GPTModel configuration
-    model = helpers.GPTModel(helpers.model_config("offline"))
+    model = helpers.GPTModel(model_config("offline"))
     helpers.load_weights_into_gpt(model, params_a)
     with torch.no_grad():
         logits = model(torch.tensor([[15496, 11, 995]]))
@@ -298,7 +305,7 @@ def test_offline_files_are_kept(tmp_path, offline_gpt2_files):  # noqa: F811
         (model_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (model_dir / name).write_bytes(data)
     before = {name: (model_dir / name).stat().st_mtime_ns for name in helpers.GPT2_FILES}
-    settings, _ = helpers.download_and_load_gpt2("offline", tmp_path)
+    settings, _ = load_gpt2("offline", tmp_path)
     assert settings["n_embd"] == 64
     after = {name: (model_dir / name).stat().st_mtime_ns for name in helpers.GPT2_FILES}
     assert after == before, "existing offline files must not be rewritten"
@@ -312,4 +319,4 @@ def test_offline_tokenizer_files_are_gpt2s(offline_gpt2_files):  # noqa: F811
 
 def test_unknown_model_size(tmp_path):
     with pytest.raises(ValueError, match="355M"):
-        helpers.download_and_load_gpt2("350M", tmp_path)
+        load_gpt2("350M", tmp_path)

@@ -1,18 +1,19 @@
-"""The Google Colab cells of the nine notebooks, and the script that puts them there.
+"""The Google Colab cells of the notebooks, and the script that puts them there.
 
     python tools/colab_cell.py           # insert or update the cells (and the README's links)
     python tools/colab_cell.py --check   # only report notebooks whose cells are missing or old
 
 Every notebook gets, right after its title, a short note with an "Open in Colab" link
-and the Colab set-up cell: on Colab it fetches the course files, installs what Colab
+and the Colab set-up cell (about ten lines): on Colab it clones the course if it is not
+there yet, changes into it and calls `course.colab.setup`, which installs what Colab
 lacks and, if asked, keeps artifacts/ on Google Drive; anywhere else it does nothing
-and prints nothing. Notebook 09 also gets, right after its parameters cell, a cell that
-installs and starts Ollama on the Colab machine and pulls the judge model
+and prints nothing. Notebook 09 also gets a one-call cell, `course.colab.start_ollama`,
+that installs and starts Ollama on the Colab machine and pulls the judge model
 (after the parameters cell and the prose that follows it).
 
 The course's GitHub location is set in ONE place, REPOSITORY below. Instructors set it
 to their copy of the course (for example "my-school/llm-finetuning-course") and run this
-script again: it rewrites the cells in all nine notebooks and the README's Colab links.
+script again: it rewrites the cells in all the notebooks and the README's Colab links.
 Running it twice changes nothing the second time.
 """
 
@@ -32,7 +33,7 @@ BRANCH = "main"
 
 PLACEHOLDER = "OWNER/REPO"
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK_GLOB = "0[1-9]_*.ipynb"
+NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"  # the nine, and the bonus notebook 10
 SCORING_NOTEBOOK_PREFIX = "09_"
 
 SETUP_TAG = "colab-setup"
@@ -52,140 +53,49 @@ def colab_link(notebook_name: str, repository: str | None = None, branch: str | 
     return f"https://colab.research.google.com/github/{repository}/blob/{branch}/{notebook_name}"
 
 
-# The set-up cell. __URL__, __BRANCH__ and __FOLDER__ are filled in by setup_cell_source().
+# The set-up cell: __URL__, __BRANCH__ and __FOLDER__ are filled in by setup_cell_source().
+# The work is done by course/colab.py (setup); the cell only gets the course there first.
 SETUP_CELL = """\
-# Google Colab set-up: on Colab this fetches the course files, installs what Colab lacks
-# and, if you want, keeps artifacts/ on Google Drive. Anywhere else it does nothing.
-# (Written by tools/colab_cell.py: change it there and run that script again.)
+# Google Colab set-up: fetch the course and install what Colab lacks. Elsewhere it does nothing.
+import os
 import sys
 
-KEEP_ARTIFACTS_ON_DRIVE = False  # True: artifacts/ on Google Drive (survives a disconnect)
-
+COURSE_REPOSITORY = "__URL__"
 if "google.colab" in sys.modules:
-    import importlib.util
-    import os
-    import subprocess
-    from pathlib import Path
+    if not os.path.exists("helpers.py"):  # not in the course folder yet: fetch it, go there
+        clone = f"GIT_TERMINAL_PROMPT=0 git clone -q -b __BRANCH__ {COURSE_REPOSITORY}"
+        if not os.path.isdir("__FOLDER__") and os.system(clone) != 0:
+            raise RuntimeError(f"Could not clone {COURSE_REPOSITORY}: set it to the course's URL")
+        os.chdir("__FOLDER__")
+    sys.path.insert(0, os.getcwd())
+    import course.colab
 
-    COURSE_REPOSITORY = "__URL__"
-    COURSE_BRANCH = "__BRANCH__"
-    if (Path.cwd() / "helpers.py").exists():  # this cell ran before: already there
-        course_dir = Path.cwd()
-    else:
-        course_dir = Path.cwd() / "__FOLDER__"
-        if not (course_dir / "helpers.py").exists():
-            if "__PLACEHOLDER__" in COURSE_REPOSITORY:
-                raise RuntimeError(
-                    "COURSE_REPOSITORY above is a placeholder: set it to the git URL of the "
-                    "course (instructors: set REPOSITORY in tools/colab_cell.py)."
-                )
-            clone = subprocess.run(
-                ["git", "clone", "--depth", "1", "--branch", COURSE_BRANCH]
-                + [COURSE_REPOSITORY, str(course_dir)],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
-            )
-            if clone.returncode != 0:
-                raise RuntimeError(
-                    f"Could not fetch the course from {COURSE_REPOSITORY}:\\n{clone.stderr}"
-                    "Check COURSE_REPOSITORY and COURSE_BRANCH above and the network."
-                )
-        os.chdir(course_dir)
-    if str(course_dir) not in sys.path:
-        sys.path.insert(0, str(course_dir))
-
-    # Colab has torch, numpy, matplotlib, tqdm, psutil and tensorflow: install only what is missing
-    needed = ["tiktoken", "safetensors", "tensorflow", "matplotlib", "tqdm", "psutil"]
-    missing_packages = [name for name in needed if importlib.util.find_spec(name) is None]
-    if missing_packages:
-        print("Installing", ", ".join(missing_packages))
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", *missing_packages], check=True
-        )
-        importlib.invalidate_caches()
-
-    if KEEP_ARTIFACTS_ON_DRIVE:
-        from google.colab import drive
-
-        drive.mount(str(course_dir.parent / "drive"))
-        drive_artifacts = course_dir.parent / "drive" / "MyDrive" / "__FOLDER__-artifacts"
-        drive_artifacts.mkdir(parents=True, exist_ok=True)
-        os.environ["COURSE_ARTIFACTS"] = str(drive_artifacts)
-    print("Course files:", course_dir)
-    if "COURSE_ARTIFACTS" in os.environ:
-        print("Artifacts:   ", os.environ["COURSE_ARTIFACTS"])
-    else:
-        print("Artifacts:    artifacts/ on this Colab machine only (lost when it disconnects;")
-        print("              set KEEP_ARTIFACTS_ON_DRIVE = True to keep them on Google Drive)")
+    course.colab.setup(keep_artifacts_on_drive=False)  # True: keep artifacts/ on Google Drive
 """
 
 SETUP_NOTE = """\
 **On Google Colab?** [Open this notebook in Colab](__LINK__), choose a GPU runtime \
 (*Runtime → Change runtime type*) and run the next cell first: it fetches the course files \
-and installs what Colab lacks. Each notebook gets its own Colab machine, so set \
-`KEEP_ARTIFACTS_ON_DRIVE = True` in it to keep `artifacts/` on Google Drive: that is how \
-the notebooks hand their results to each other on Colab, and how a run continues after a \
-disconnect. Anywhere else the cell does nothing."""
+and installs what Colab lacks (`course/colab.py` does the work). Each notebook gets its own \
+Colab machine, so change it to `keep_artifacts_on_drive=True` to keep `artifacts/` on Google \
+Drive: that is how the notebooks hand their results to each other on Colab, and how a run \
+continues after a disconnect. Anywhere else the cell does nothing."""
 
 # Notebook 09 only, after its parameters cell (it uses JUDGE_MODEL), see ollama_index().
 OLLAMA_CELL = """\
-# Google Colab only: install Ollama on the Colab machine, start it and pull the judge model.
-# llama3 (8B, 4-bit) is a 4.7 GB download and needs about 6 to 8 GB of GPU memory (or of
-# RAM without a GPU) next to the fine-tuned GPT-2. Anywhere else this cell does nothing.
-import sys
+# Google Colab only: install and start Ollama and pull the judge model. Elsewhere: nothing.
+import course.colab
 
-if "google.colab" in sys.modules:
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-    import time
-    import urllib.request
-
-    ollama_url = os.environ.get("OLLAMA_HOST", "http://localhost:11434")
-    ollama_url = ollama_url if "://" in ollama_url else "http://" + ollama_url
-    if shutil.which("ollama") is None:
-        # the installer unpacks with zstd and looks for the GPU with lspci (pciutils)
-        if shutil.which("zstd") is None or shutil.which("lspci") is None:
-            subprocess.run(
-                "apt-get update -qq && apt-get install -y -qq zstd pciutils", shell=True, check=True
-            )
-        print("Installing Ollama ...")
-        subprocess.run("curl -fsSL https://ollama.com/install.sh | sh", shell=True, check=True)
-
-    def ollama_is_up() -> bool:
-        try:
-            with urllib.request.urlopen(ollama_url + "/api/version", timeout=2):
-                return True
-        except OSError:
-            return False
-
-    if not ollama_is_up():
-        ollama_log = os.path.join(tempfile.gettempdir(), "ollama.log")
-        with open(ollama_log, "ab") as log:
-            subprocess.Popen(["ollama", "serve"], stdout=log, stderr=log, start_new_session=True)
-        for _ in range(60):
-            if ollama_is_up():
-                break
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"Ollama did not start within a minute: see {ollama_log}.")
-    print(f"Ollama is running at {ollama_url}.")
-    print(f"Pulling {JUDGE_MODEL} (llama3 is a 4.7 GB download) ...")
-    pull = subprocess.run(["ollama", "pull", JUDGE_MODEL], capture_output=True, text=True)
-    if pull.returncode != 0:
-        raise RuntimeError(f"ollama pull {JUDGE_MODEL} failed:\\n{pull.stderr[-2000:]}")
-    print(f"{JUDGE_MODEL} is ready.")
+course.colab.start_ollama(JUDGE_MODEL)
 """
 
 OLLAMA_NOTE = """\
-**On Google Colab**, the next cell does this for you: it installs Ollama on the Colab \
-machine, starts it and pulls the judge model `JUDGE_MODEL`. The book's judge, llama3 \
-(8B parameters, 4-bit), is a 4.7 GB download and needs about 6 to 8 GB of GPU memory, \
-which fits next to GPT-2 medium on a T4 (15 GB); on a CPU runtime it needs as much RAM \
-and is slow. Anywhere else the cell does nothing: install and start Ollama yourself \
-(https://ollama.com, then `ollama serve` and `ollama pull llama3`)."""
+**On Google Colab**, the next cell does this for you (`course.colab.start_ollama`): it \
+installs Ollama on the Colab machine, starts it and pulls the judge model `JUDGE_MODEL`. \
+The book's judge, llama3 (8B parameters, 4-bit), is a 4.7 GB download and needs about 6 \
+to 8 GB of GPU memory, which fits next to GPT-2 medium on a T4 (15 GB); on a CPU runtime \
+it needs as much RAM and is slow. Anywhere else the cell does nothing: install and start \
+Ollama yourself (https://ollama.com, then `ollama serve` and `ollama pull llama3`)."""
 
 
 def folder_name(url: str) -> str:
@@ -201,8 +111,8 @@ def setup_cell_source(url: str | None = None, branch: str | None = None) -> str:
         SETUP_CELL.replace("__URL__", url)
         .replace("__BRANCH__", branch)
         .replace("__FOLDER__", folder_name(url))
-        .replace("__PLACEHOLDER__", PLACEHOLDER)
-    ).rstrip("\n")
+        .rstrip("\n")
+    )
 
 
 def setup_note_source(notebook_name: str) -> str:
@@ -251,6 +161,9 @@ def _put(nb, index: int, cell_type: str, source: str, tag: str, cell_id: str) ->
         return True
     if nb.cells[existing].source != source:
         nb.cells[existing].source = source
+        if cell_type == "code":  # what the old cell printed is not what this one prints
+            nb.cells[existing].outputs = []
+            nb.cells[existing].execution_count = None
         return True
     return False
 
@@ -378,8 +291,8 @@ def main(argv: list[str] | None = None, root: str | Path = ROOT) -> int:
         print(f"{path.name}: {'updated' if changed else 'already current'}")
     if not args.check and update_readme(root / "README.md", [p.name for p in notebooks]):
         print("README.md: Colab links updated")
-    if len(notebooks) != 9:
-        print(f"Found {len(notebooks)} notebooks, the course has nine.")
+    if len(notebooks) not in (9, 10):
+        print(f"Found {len(notebooks)} notebooks, the course has nine (and a bonus tenth).")
     return status
 
 

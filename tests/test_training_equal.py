@@ -1,0 +1,161 @@
+"""Notebook 05's claims: the course's loop takes the book's steps, and the training log.
+
+- `course.training.train_model` with the course's optimizer (`course.speed.make_optimizer`)
+  and fast loss gives the losses of the book's `helpers.train_model_simple` with
+  `torch.optim.AdamW`, within fp32 rounding, on the offline model (with and without
+  instruction masking);
+- the book's training log shipped with the course is the official one and says what
+  notebooks 05 and 06 quote from it;
+- notebook 05's training log is written and read through course.artifacts.
+"""
+
+import hashlib
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import helpers
+from course import artifacts, settings, speed
+from course.training import train_model
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK_LOG_SHA256 = "62035b718660dc6cb3673584629f2b3b7402bfd12336b33b6b4ac47149d10955"
+EPOCHS, EVAL_FREQ, EVAL_ITER = 2, 2, 1
+
+
+@pytest.fixture(scope="module")
+def entries():
+    return json.loads((ROOT / "instruction-data.json").read_text(encoding="utf-8"))[:40]
+
+
+def setup(entries, tokenizer, mask):
+    """Notebook 05's set-up, small: the offline model's shape, 24 + 16 entries, batch 8."""
+    collate = partial(
+        helpers.custom_collate_fn, device="cpu", allowed_max_length=1024, mask_instructions=mask
+    )
+
+    def loader(data, shuffle):
+        dataset = helpers.InstructionDataset(data, tokenizer, with_prompt_length=mask)
+        return DataLoader(
+            dataset, batch_size=8, collate_fn=collate, shuffle=shuffle, drop_last=shuffle
+        )
+
+    torch.manual_seed(123)
+    model = helpers.GPTModel({**settings.model_config("offline"), "context_length": 256})
+    torch.manual_seed(123)
+    return model, loader(entries[:24], True), loader(entries[24:], False)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_train_model_gives_the_losses_of_train_model_simple(entries, tokenizer, mask, capsys):
+    model, train_loader, val_loader = setup(entries, tokenizer, mask)
+    book_optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+    book = helpers.train_model_simple(
+        model,
+        train_loader,
+        val_loader,
+        book_optimizer,
+        "cpu",
+        EPOCHS,
+        EVAL_FREQ,
+        EVAL_ITER,
+        helpers.format_input(entries[-1]),
+        tokenizer,
+    )
+    book_printed = capsys.readouterr().out
+
+    model, train_loader, val_loader = setup(entries, tokenizer, mask)
+    course = train_model(
+        model,
+        train_loader,
+        val_loader,
+        speed.make_optimizer(model, lr=5e-4, weight_decay=0.1),
+        "cpu",
+        num_epochs=EPOCHS,
+        eval_freq=EVAL_FREQ,
+        eval_iter=EVAL_ITER,
+        start_context=helpers.format_input(entries[-1]),
+        tokenizer=tokenizer,
+        show_progress=False,
+    )
+    course_printed = capsys.readouterr().out
+
+    train_losses, val_losses, tokens_seen = book
+    assert len(train_losses) == len(course["train_losses"]) == 3
+    assert course["train_losses"] == pytest.approx(train_losses, abs=1e-5, rel=0)
+    assert course["val_losses"] == pytest.approx(val_losses, abs=1e-5, rel=0)
+    assert course["tokens_seen"] == tokens_seen
+    assert course["eval_steps"] == [0, 2, 4]
+    assert train_losses[-1] < train_losses[0] - 0.1  # it trained
+
+    # the same printed evaluation lines (the losses to three decimals)
+    def lines(text):
+        return [line for line in text.splitlines() if line.startswith("Ep ")]
+
+    assert lines(course_printed) == lines(book_printed) != []
+
+
+def test_the_books_training_log_is_the_official_one():
+    path = ROOT / "book-training-log.json"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == BOOK_LOG_SHA256
+    log = json.loads(path.read_text(encoding="utf-8"))
+    # what notebooks 05 and 06 quote from it
+    assert round(log["initial_losses"]["train"], 3) == 3.826
+    assert round(log["initial_losses"]["val"], 3) == 3.762
+    evaluations = log["evaluations"]
+    assert len(evaluations) == 47
+    assert [e["step"] for e in evaluations] == list(range(0, 231, 5))
+    assert (evaluations[0]["train_loss"], evaluations[0]["val_loss"]) == (2.637, 2.626)
+    assert (evaluations[-1]["train_loss"], evaluations[-1]["val_loss"]) == (0.299, 0.657)
+    best = min(evaluations, key=lambda e: e["val_loss"])
+    assert (best["step"], best["val_loss"]) == (205, 0.628)
+    end_of_epoch_1 = evaluations[23]
+    assert (end_of_epoch_1["step"], end_of_epoch_1["val_loss"]) == (115, 0.665)
+    assert log["samples_after_epoch"][0] == "The meal is prepared every day by the chef."
+
+
+def a_log(**changes):
+    log = {
+        "model": "offline (tiny)",
+        "config": {"prompt_style": "alpaca", "mask_instructions": False, "finetune": "full"},
+        "initial_losses": {"train": 10.9, "val": 10.9},
+        "duration_minutes": 0.1,
+        "train_losses": [10.0, 9.0],
+        "val_losses": [10.1, 9.5],
+        "tokens_seen": [100, 600],
+        "epochs_seen": [0.0, 1.0],
+        "eval_steps": [0, 5],
+    }
+    return {**log, **changes}
+
+
+def test_training_log_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_ARTIFACTS", str(tmp_path))
+    path = artifacts.write_training_log("offlinetiny", a_log())
+    assert path == tmp_path / "offlinetiny-training-log.json"
+    log = artifacts.read_training_log("offlinetiny")
+    assert log["format"] == artifacts.TRAINING_LOG_FORMAT
+    assert log["val_losses"] == [10.1, 9.5]
+    with pytest.raises(ValueError, match="lists differ in length"):
+        artifacts.write_training_log("offlinetiny", a_log(val_losses=[1.0]))
+    with pytest.raises(ValueError, match="lacks config"):
+        artifacts.write_training_log(
+            "offlinetiny", {k: v for k, v in a_log().items() if k != "config"}
+        )
+
+
+def test_a_damaged_or_incomplete_training_log_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_ARTIFACTS", str(tmp_path))
+    with pytest.raises(artifacts.MissingArtifact, match="05_instruction_finetuning"):
+        artifacts.read_training_log("offlinetiny")
+    path = tmp_path / "offlinetiny-training-log.json"
+    path.write_text(json.dumps(a_log())[:50])
+    with pytest.raises(artifacts.ArtifactError, match="offlinetiny-training-log.json is cut off"):
+        artifacts.read_training_log("offlinetiny")
+    path.write_text(json.dumps({"train_losses": [1.0]}))
+    with pytest.raises(artifacts.ArtifactError, match="not a complete training log.*lacks model"):
+        artifacts.read_training_log("offlinetiny")
