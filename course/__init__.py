@@ -7,6 +7,7 @@ one concern:
 - `settings`   the COURSE_* variables, checked, and the model names
 - `artifacts`  every file the notebooks hand on: names, formats, atomic writes
 - `data`       the dataset files: download with checksum, validation, the split
+- `leakage`    which instructions the training, validation and test sets share
 - `weights`    GPT-2 weights: robust downloads, the safetensors source, the offline model
 - `hardware`   device choice and memory estimates
 - `speed`      the fast paths: key/value cache, batched generation, packed loss, precision

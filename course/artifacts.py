@@ -51,6 +51,10 @@ class MissingArtifact(ArtifactError, FileNotFoundError):
     """An artifact an earlier notebook writes is not there; the message names the notebook."""
 
 
+class ArtifactWriteError(ArtifactError, OSError):
+    """An artifact could not be written (a full or read-only disk); nothing was changed."""
+
+
 def artifacts_dir() -> Path:
     """The folder where notebooks hand results to each other (COURSE_ARTIFACTS).
 
@@ -142,7 +146,7 @@ def open_atomic(path: str | Path) -> Iterator[BinaryIO]:
     The bytes go to a temporary file of this writer's own beside `path`; it is flushed
     to disk (fsync) and renamed to `path`. An error or interruption leaves the old file
     as it was and removes the temporary file; so does a full or read-only disk, which
-    raises an ArtifactError that says what to do. Two processes writing the same file
+    raises an ArtifactWriteError (an ArtifactError and an OSError) that says what to do. Two processes writing the same file
     at once both succeed, and the file is one of the two, whole. Temporary files left
     by a process that was killed while writing are removed by the next write.
 
@@ -164,7 +168,7 @@ def open_atomic(path: str | Path) -> Iterator[BinaryIO]:
         _remove_quietly(tmp)
         os_error = _os_error_in(exc) if isinstance(exc, Exception) else None
         if os_error is not None:
-            raise ArtifactError(_write_problem(path, os_error)) from None
+            raise ArtifactWriteError(_write_problem(path, os_error)) from None
         raise
 
 
@@ -272,9 +276,9 @@ def _os_error_in(exc: BaseException) -> OSError | None:
 def _write_problem(path: Path, exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return (
-            f"Could not write {path.name}: the disk is full. Nothing was changed and no "
-            f"partial file was left. Free some space in {path.parent} (or set "
-            "COURSE_ARTIFACTS to a folder on another disk) and run the cell again."
+            f"Could not write {path.name}: the disk is full ({exc.strerror}). Nothing was "
+            f"changed and no partial file was left. Free some space in {path.parent} (or "
+            "set COURSE_ARTIFACTS to a folder on another disk) and run the cell again."
         )
     if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return (

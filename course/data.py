@@ -203,7 +203,7 @@ def drop_repeats(data: list[dict]) -> list[dict]:
     A repeated entry would otherwise land in the training set and in the test set,
     so the test would ask what training showed word for word.
     """
-    repeated = set()
+    repeated = {index for index, _ in find_repeats(data)}
     return [entry for index, entry in enumerate(data) if index not in repeated]
 
 
@@ -232,7 +232,7 @@ def check_size(n: int, batch_size: int | None = None, what: str = "The dataset")
     """Stop with a clear message when `n` entries are too few for the course."""
     batch_size = settings.setting("COURSE_BATCH_SIZE") if batch_size is None else batch_size
     needed = minimum_entries(batch_size)
-    if n < 0:
+    if n < needed:
         sizes = split_sizes(n)
         raise DatasetError(
             f"{what} has {n} entries, but the course needs at least {needed}: the 85/10/5 "

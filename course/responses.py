@@ -57,14 +57,18 @@ def weights_path(stem: str, stage: str = "sft") -> Path:
     return path
 
 
-def load_fine_tuned(model_name: str, path: str | Path, device: str | torch.device) -> helpers.GPTModel:
+def load_fine_tuned(
+    model_name: str, path: str | Path, device: str | torch.device
+) -> helpers.GPTModel:
     """A `helpers.GPTModel` of `model_name`'s size with the weights in `path`, in eval mode."""
     model = helpers.GPTModel(settings.model_config(model_name))
     load_model_weights(model, path)  # names the file and the fix if it is damaged
     return model.to(device).eval()
 
 
-def made_with(test_data: list[dict], path: str | Path, prompt_style: str, max_new_tokens: int) -> dict:
+def made_with(
+    test_data: list[dict], path: str | Path, prompt_style: str, max_new_tokens: int
+) -> dict:
     """What a set of responses depends on; the progress file is reused only if it matches."""
     path = Path(path)
     return {
@@ -88,9 +92,7 @@ def load_progress(progress_path: str | Path, expected: dict) -> dict:
         return empty
     if saved.get("made_with") != expected:
         changed = [
-            key
-            for key in expected
-            if (saved.get("made_with") or {}).get(key) != expected[key]
+            key for key in expected if (saved.get("made_with") or {}).get(key) != expected[key]
         ]
         print(
             f"{progress_path.name} was made with other {', '.join(changed) or 'settings'}: "
@@ -141,7 +143,9 @@ def generate_responses(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             input_texts = [helpers.format_input(test_data[i], prompt_style) for i in batch]
-            prompts = [helpers.text_to_token_ids(text, tokenizer)[0].tolist() for text in input_texts]
+            prompts = [
+                helpers.text_to_token_ids(text, tokenizer)[0].tolist() for text in input_texts
+            ]
             new_tokens = generate_batch(
                 model, prompts, max_new_tokens, context_size, eos_id=eos_id, batch_size=len(batch)
             )

@@ -162,18 +162,18 @@ def setting(name: str, default: Any = None) -> Any:
     """The value of environment variable `name`, converted and checked; else the default.
 
     For the variables in SPEC the allowed values come from there, and so does the
-    default when none is given; a default given here is checked like a value. Others
-    take the type of `default`. A folder setting ("path" in SPEC) comes back as an
+    default when none is given; a default given here is checked like a value, and the
+    text is converted to the type of SPEC's default. Others take the type of `default`. A folder setting ("path" in SPEC) comes back as an
     absolute path (a string), relative ones counted from the course's folder.
     """
-    accepts = None
+    accepts, kind = None, default
     if name in SPEC:
-        spec_default, accepts = SPEC[name]
-        default = spec_default if default is None else default
+        kind, accepts = SPEC[name]
+        default = kind if default is None else default
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return check_value(name, default, accepts)
-    return check_value(name, _convert(name, raw, default), accepts, raw)
+    return check_value(name, _convert(name, raw, kind), accepts, raw)
 
 
 def check_all(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -404,18 +404,65 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path: str, settings: dict) -> dict:
 
 
 def load_weights_into_gpt(gpt: nn.Module, params: dict) -> None:
-    """`helpers.load_weights_into_gpt`, after checking that the sizes fit."""
+    """`helpers.load_weights_into_gpt`, after checking that every tensor's shape fits.
+
+    A mismatch names the model's tensor and both shapes ("trf_blocks.0.att.W_query.weight:
+    the model has (768, 768), the checkpoint has (1024, 1024)"), before anything changes.
+    """
     if len(params["blocks"]) != len(gpt.trf_blocks):
         raise ValueError(
             f"The checkpoint has {len(params['blocks'])} transformer blocks, the model "
             f"{len(gpt.trf_blocks)}: choose the model size the weights were made for."
         )
-    if tuple(params["wte"].shape) != tuple(gpt.tok_emb.weight.shape):
-        raise ValueError(
-            f"The checkpoint's token embedding is {tuple(params['wte'].shape)}, the model's "
-            f"{tuple(gpt.tok_emb.weight.shape)}: choose the model size the weights were made for."
-        )
+    for name, model_shape, checkpoint_shape in _shapes_to_load(gpt, params):
+        if tuple(model_shape) != tuple(checkpoint_shape):
+            raise ValueError(
+                f"Shape mismatch for {name}: the model has {tuple(model_shape)}, the "
+                f"checkpoint has {tuple(checkpoint_shape)}. The model configuration does "
+                "not match the checkpoint: choose the model size the weights were made for."
+            )
     helpers.load_weights_into_gpt(gpt, params)
+
+
+def _shapes_to_load(gpt: nn.Module, params: dict):
+    """(model tensor name, its shape, the shape the book's mapping gives it), one by one."""
+
+    def split_shape(array, transpose):  # query, key, value: a third of the last axis each
+        shape = (*np.shape(array)[:-1], np.shape(array)[-1] // 3)
+        return shape[::-1] if transpose else shape
+
+    def t(array):
+        return np.shape(array)[::-1]
+
+    yield "pos_emb.weight", gpt.pos_emb.weight.shape, np.shape(params["wpe"])
+    yield "tok_emb.weight", gpt.tok_emb.weight.shape, np.shape(params["wte"])
+    for b, (block, p) in enumerate(zip(gpt.trf_blocks, params["blocks"], strict=True)):
+        pre, att, ff = f"trf_blocks.{b}", block.att, block.ff.layers
+        c_attn, c_proj = p["attn"]["c_attn"], p["attn"]["c_proj"]
+        for part in ("W_query", "W_key", "W_value"):
+            yield (
+                f"{pre}.att.{part}.weight",
+                getattr(att, part).weight.shape,
+                split_shape(np.squeeze(c_attn["w"]), transpose=True),
+            )
+            yield (
+                f"{pre}.att.{part}.bias",
+                getattr(att, part).bias.shape,
+                split_shape(c_attn["b"], transpose=False),
+            )
+        yield f"{pre}.att.out_proj.weight", att.out_proj.weight.shape, t(np.squeeze(c_proj["w"]))
+        yield f"{pre}.att.out_proj.bias", att.out_proj.bias.shape, np.shape(c_proj["b"])
+        fc, fc_proj = p["mlp"]["c_fc"], p["mlp"]["c_proj"]
+        yield f"{pre}.ff.layers.0.weight", ff[0].weight.shape, t(np.squeeze(fc["w"]))
+        yield f"{pre}.ff.layers.0.bias", ff[0].bias.shape, np.shape(fc["b"])
+        yield f"{pre}.ff.layers.2.weight", ff[2].weight.shape, t(np.squeeze(fc_proj["w"]))
+        yield f"{pre}.ff.layers.2.bias", ff[2].bias.shape, np.shape(fc_proj["b"])
+        for norm, key in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            yield f"{pre}.{norm}.scale", getattr(block, norm).scale.shape, np.shape(p[key]["g"])
+            yield f"{pre}.{norm}.shift", getattr(block, norm).shift.shape, np.shape(p[key]["b"])
+    yield "final_norm.scale", gpt.final_norm.scale.shape, np.shape(params["g"])
+    yield "final_norm.shift", gpt.final_norm.shift.shape, np.shape(params["b"])
+    yield "out_head.weight", gpt.out_head.weight.shape, np.shape(params["wte"])
 
 
 def load_gpt2_from_safetensors(model_dir: str | Path) -> tuple[dict, dict]:

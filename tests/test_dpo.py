@@ -35,8 +35,10 @@ def preference_data():
 
 
 def make_model(seed=0):
+    """GPT-2's vocabulary with a tiny body (smaller still than the offline model)."""
     torch.manual_seed(seed)
-    return helpers.GPTModel(settings.model_config(settings.OFFLINE_MODEL))
+    config = {**settings.model_config(settings.OFFLINE_MODEL), "emb_dim": 16, "context_length": 256}
+    return helpers.GPTModel(config)
 
 
 def make_loader(entries, tokenizer, batch_size=2, shuffle=False, seed=None):
@@ -193,10 +195,10 @@ def test_fast_loss_equals_the_book_loss(tokenizer, preference_data):
 
 
 def dpo_run(tokenizer, data, *, max_steps=None, checkpoint_path=None, lr=1e-3, seed=123, **kw):
-    """A small DPO run as notebook 10 does it: 12 training pairs, batches of 2, 6 steps."""
+    """A small DPO run as notebook 10 does it: 8 training pairs, batches of 2, 4 steps an epoch."""
     policy = make_model(0)
     reference = dpo.freeze(make_model(0))
-    train_loader = make_loader(data[:12], tokenizer, shuffle=True, seed=seed)
+    train_loader = make_loader(data[:8], tokenizer, shuffle=True, seed=seed)
     val_loader = make_loader(data[1045:1049], tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.01)
     history = dpo.train_model_dpo(
@@ -228,12 +230,12 @@ def test_training_moves_only_the_policy_and_widens_the_margin(tokenizer, prefere
     assert all(not p.requires_grad and p.grad is None for p in reference.parameters())
     changed = [n for n, t in policy.state_dict().items() if not torch.equal(t, untouched[n])]
     assert "out_head.weight" in changed and len(changed) > 10
-    assert history["finished"] and history["global_step"] == 11
-    assert history["eval_steps"] == [0, 2, 4, 6, 8, 10]
+    assert history["finished"] and history["global_step"] == 7
+    assert history["eval_steps"] == [0, 2, 4, 6]
     margins = dpo.reward_margins(history)
     assert margins[-1] > margins[0] and history["train_losses"][-1] < LOG2
     printed = capsys.readouterr().out
-    assert "Ep 2 (Step 000010): Train loss" in printed and "Train reward margins" in printed
+    assert "Ep 2 (Step 000006): Train loss" in printed and "Train reward margins" in printed
 
 
 def test_an_unfrozen_reference_is_refused(tokenizer, preference_data):
@@ -250,7 +252,7 @@ def test_resumable_training_equals_the_book_loop(tokenizer, preference_data, cap
     history, fast_policy, _ = dpo_run(tokenizer, preference_data)
     policy = make_model(0)
     reference = dpo.freeze(make_model(0))
-    train_loader = make_loader(preference_data[:12], tokenizer, shuffle=True, seed=123)
+    train_loader = make_loader(preference_data[:8], tokenizer, shuffle=True, seed=123)
     val_loader = make_loader(preference_data[1045:1049], tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.01)
     tracking = dpo.train_model_dpo_simple(
@@ -276,7 +278,7 @@ def test_an_interrupted_run_continues_exactly(tmp_path, tokenizer, preference_da
     whole, whole_policy, _ = dpo_run(tokenizer, preference_data, num_epochs=2)
     checkpoint = tmp_path / "dpo-checkpoint.pth"
     # stopped mid-epoch, then at an epoch's end, then run to the end: each in a new "session"
-    for max_steps in (3, 3, None):
+    for max_steps in (3, 1, None):
         history, policy, _ = dpo_run(
             tokenizer,
             preference_data,
@@ -285,8 +287,7 @@ def test_an_interrupted_run_continues_exactly(tmp_path, tokenizer, preference_da
             checkpoint_path=checkpoint,
         )
     assert (
-        "Continuing from dpo-checkpoint.pth: epoch 1, 6 of 12 steps done."
-        in capsys.readouterr().out
+        "Continuing from dpo-checkpoint.pth: epoch 1, 4 of 8 steps done." in capsys.readouterr().out
     )
     assert history["finished"]
     for key in (*dpo.TRACKED, "eval_steps", "samples"):
@@ -310,9 +311,9 @@ def test_ctrl_c_keeps_the_last_checkpoint(
     original = dpo.evaluate_dpo_fast
     calls = []
 
-    def interrupted(*args, **kwargs):  # Ctrl+C during the third evaluation (step 4)
+    def interrupted(*args, **kwargs):  # Ctrl+C during the second evaluation (step 2)
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
@@ -322,7 +323,7 @@ def test_ctrl_c_keeps_the_last_checkpoint(
     assert "Interrupted. The last checkpoint is in dpo-checkpoint.pth" in capsys.readouterr().out
     monkeypatch.setattr(dpo, "evaluate_dpo_fast", original)
     history, policy, _ = dpo_run(tokenizer, preference_data, checkpoint_path=checkpoint)
-    assert "4 of 6 steps done" in capsys.readouterr().out
+    assert "2 of 4 steps done" in capsys.readouterr().out
     assert history["train_losses"] == whole["train_losses"]
     assert torch.equal(policy.out_head.weight, whole_policy.out_head.weight)
 

@@ -52,7 +52,7 @@ def course_imports(source: str) -> list[str]:
                 and is_course(first.value)
             ):
                 found.append(f"line {node.lineno}: {name}({first.value!r})")
-    return found
+    return sorted(found, key=lambda line: int(line.split(":")[0].split()[1]))
 
 
 def test_the_import_check_finds_course_imports_anywhere():

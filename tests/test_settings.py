@@ -83,6 +83,11 @@ def test_unset_and_empty_give_the_books_default(monkeypatch):
     assert setting("COURSE_EPOCHS", 2) == 2
 
 
+def test_the_type_comes_from_spec_not_from_the_cells_default(monkeypatch):
+    monkeypatch.setenv("COURSE_WEIGHT_DECAY", "0.05")
+    assert setting("COURSE_WEIGHT_DECAY", 0) == 0.05  # a cell written with an int default
+
+
 def test_every_default_is_allowed():
     for name, (default, accepts) in SPEC.items():
         settings.check_value(name, default, accepts)  # raises if the table contradicts itself
