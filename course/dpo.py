@@ -18,6 +18,7 @@ frozen *reference* copy of the same model. Three parts:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -337,6 +338,29 @@ def train_model_dpo_simple(
                 )
         helpers.generate_and_print_sample(policy_model, tokenizer, loss.device, start_context)
     return tracking
+
+
+def source_of(obj) -> str:
+    """The source code of a function, or of a class's methods (classes defined in a
+    notebook have no source file that `inspect` could read in full)."""
+    if inspect.isclass(obj):
+        methods = [value for value in vars(obj).values() if inspect.isfunction(value)]
+        return "".join(inspect.getsource(method) for method in methods)
+    return inspect.getsource(obj)
+
+
+def compare_with_course_copy(*objects) -> dict[str, bool]:
+    """For each function or class written in notebook 10: is its code this module's copy?
+
+    Prints one line each and returns {name: same}.
+    """
+    same = {}
+    for obj in objects:
+        name = obj.__name__
+        same[name] = name in globals() and source_of(obj) == source_of(globals()[name])
+        verdict = "the same code as" if same[name] else "DIFFERENT from"
+        print(f"{name:<26} {verdict} course/dpo.py")
+    return same
 
 
 # ---------------------------------------------------------------------------------

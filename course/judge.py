@@ -3,9 +3,11 @@
 `helpers.query_model` and `helpers.generate_model_scores` are the book's listings
 7.10 and 7.11. This module does the same for the course, hardened: it finds the
 server at OLLAMA_HOST as Ollama itself does, checks that the judge model is pulled
-(and says what to run when not), bounds how long it waits and how much it reads,
+(and says what to run when not), bounds how long it waits (by default 2 minutes for
+each piece of an answer, 10 minutes per answer in all) and how much it reads (1 MB),
 retries failed connections, and keeps every entry's prompt, raw reply and score in
-a scores file, so an interrupted scoring run continues where it stopped.
+a scores file (one per judge model), so an interrupted scoring run continues where
+it stopped. A score is an integer from 0 to 100; any other reply is no score.
 """
 
 from __future__ import annotations

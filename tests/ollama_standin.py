@@ -13,8 +13,8 @@ Instead of a language model it scores deterministically: when the prompt is the
 book's judge prompt ("Given the input `...` and correct output `...`, score the
 model response `...`"), the reply is round(100 x F1) of the word overlap between
 the model response and the correct output. Other prompts get a fixed sentence. Its
-model's digest is the SHA-256 of "course stand-in judge" (helpers.STANDIN_JUDGE_DIGEST),
-which is how the course tells it from a real judge.
+model's digest is the SHA-256 of "course stand-in judge", the digest of no real model.
+The course treats it like any Ollama server (the tests set COURSE_JUDGE_RUNS=1).
 
 A real judge's scores vary a little between runs; `noise=n` (or `set_noise(n)`) makes
 the stand-in's do too, reproducibly: the score moves by `noise_offset(seed, prompt, n)`,

@@ -472,6 +472,24 @@ def test_interrupted_scoring_resumes_without_asking_again(ollama_standin, tmp_pa
     assert len(ollama_standin.chat_requests) == asked_before  # all done: nothing asked
 
 
+def test_progress_is_on_disk_while_scoring_so_a_killed_kernel_loses_little(
+    ollama_standin, tmp_path, monkeypatch
+):
+    """A kernel killed mid-scoring runs no clean-up: what counts is what is already saved."""
+    path = tmp_path / "scores.json"
+    real_query, on_disk = judge.query_model, []
+
+    def query_and_look(*args, **kwargs):  # what a kill -9 at this moment would leave
+        record = json.loads(path.read_text()) if path.exists() else {"runs": [{"entries": []}]}
+        on_disk.append(len(record["runs"][0]["entries"]))
+        return real_query(*args, **kwargs)
+
+    monkeypatch.setattr(judge, "query_model", query_and_look)
+    judge.generate_model_scores(ENTRIES * 2, "model_response", scores_path=path, save_seconds=0)
+    assert on_disk == [0, 1, 2, 3, 4, 5]  # saved after every answer with save_seconds=0
+    assert load_scores(path) == EXPECTED * 2
+
+
 def test_changed_response_is_asked_again(ollama_standin, tmp_path):
     path = tmp_path / "scores.json"
     judge.generate_model_scores(ENTRIES, "model_response", scores_path=path)
