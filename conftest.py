@@ -34,7 +34,8 @@ _run_dir = None
 def notebook_environment(environ=os.environ) -> OllamaStandIn | None:
     """Set the environment the stored notebook outputs are made and checked in.
 
-    The offline model, one judge run, the inline plotting backend and, unless
+    The offline model, one judge run, a short DPO run in notebook 10 (the first 120
+    training pairs), the inline plotting backend and, unless
     COURSE_REAL_JUDGE is set, a stand-in judge (started here; the caller stops it).
     """
     environ.setdefault("COURSE_MODEL", "offline")

@@ -313,18 +313,20 @@ def test_generate_batch_prompts_longer_than_the_context(model, prompts):
 
 
 def test_gpt2_small_generation_matches(small_model, prompts):
-    some = [prompts[0], prompts[3], prompts[7]]
-    want = [book_new_tokens(small_model, p, 4, 1024) for p in some]
+    """GPT-2 small's width and 12 heads: the same tokens too (short prompts keep the
+    book's generate, which reruns the whole text for every token, quick)."""
+    some = [prompts[7], prompts[6], prompts[3][:12]]
+    want = [book_new_tokens(small_model, p, 3, 1024) for p in some]
     got = [
-        speed.generate_fast(small_model, torch.tensor([p]), 4, 1024)[0, len(p) :].tolist()
+        speed.generate_fast(small_model, torch.tensor([p]), 3, 1024)[0, len(p) :].tolist()
         for p in some
     ]
     assert got == want
-    assert speed.generate_batch(small_model, some, 4, 1024, batch_size=3) == want
+    assert speed.generate_batch(small_model, some, 3, 1024, batch_size=3) == want
     eos_id = want[1][1]  # a token the model produces: that row stops after one token
-    want_eos = [book_new_tokens(small_model, p, 4, 1024, eos_id=eos_id) for p in some]
+    want_eos = [book_new_tokens(small_model, p, 3, 1024, eos_id=eos_id) for p in some]
     assert len(want_eos[1]) == 1
-    got_eos = speed.generate_batch(small_model, some, 4, 1024, eos_id=eos_id, batch_size=3)
+    got_eos = speed.generate_batch(small_model, some, 3, 1024, eos_id=eos_id, batch_size=3)
     assert got_eos == want_eos
 
 
