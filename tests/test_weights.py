@@ -17,6 +17,7 @@ from course.settings import model_config
 from course.weights import (
     load_gpt2,
     load_gpt2_params_from_tf_ckpt,
+    load_weights_into_gpt,
     tf_checkpoint_path,
     write_tf_checkpoint,
 )
@@ -78,9 +79,11 @@ def known_params(known_checkpoint) -> dict:
 
 
 def loaded_model(params: dict) -> helpers.GPTModel:
+    """The book's GPTModel with `params` loaded by course.weights.load_weights_into_gpt:
+    the book's mapping (helpers.load_weights_into_gpt) after checking every shape."""
     torch.manual_seed(0)
     model = helpers.GPTModel(CFG)
-    helpers.load_weights_into_gpt(model, params)
+    load_weights_into_gpt(model, params)
     return model.eval()
 
 
