@@ -9,6 +9,7 @@ Names and signatures are the book's, so you can read this file next to the book:
 5. pretrained weights                 (notebook 04)
 6. training                           (notebooks 05, 06)
 7. scoring with an LLM judge          (notebook 09)
+8. LoRA, exercise 7.4 (appendix E)    (notebook 05)
 
 This is the plain, readable version of every step. What makes the course fast and
 robust (a key/value cache, resumable training, downloads that resume, the judge's

@@ -12,7 +12,11 @@ one concern:
 - `hardware`   device choice and memory estimates
 - `speed`      the fast paths: key/value cache, batched generation, packed loss, precision
 - `training`   resumable fine-tuning with checkpoints
-- `judge`      the Ollama judge client, scores files and their statistics
+- `lora`       LoRA (exercise 7.4): freezing, parameter counts, merging the adapters
+- `responses`  notebook 07's responses: batched, resumable generation for the test set
+- `judge`      the Ollama judge client: bounded, retried, resumable scoring
+- `scores`     the judge's scores: repeated runs and paired comparisons
+- `dpo`        notebook 10 (bonus): DPO's data, loss and resumable training
 - `colab`      the Google Colab set-up
 
 Imports run one way: this package imports `helpers`, never the reverse.

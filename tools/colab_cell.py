@@ -92,9 +92,10 @@ course.colab.start_ollama(JUDGE_MODEL)
 OLLAMA_NOTE = """\
 **On Google Colab**, the next cell does this for you (`course.colab.start_ollama`): it \
 installs Ollama on the Colab machine, starts it and pulls the judge model `JUDGE_MODEL`. \
-The book's judge, llama3 (8B parameters, 4-bit), is a 4.7 GB download and needs about 6 \
-to 8 GB of GPU memory, which fits next to GPT-2 medium on a T4 (15 GB); on a CPU runtime \
-it needs as much RAM and is slow. Anywhere else the cell does nothing: install and start \
+The book's judge is llama3 (8B parameters); the book says it needs about 16 GB of RAM \
+and suggests `phi3` (3.8B) for smaller machines (set `COURSE_JUDGE_MODEL=phi3`). Ollama's \
+4-bit llama3 is a 4.7 GB download; on a Colab GPU it runs next to GPT-2 medium, on a CPU \
+runtime it is slow. Anywhere else the cell does nothing: install and start \
 Ollama yourself (https://ollama.com, then `ollama serve` and `ollama pull llama3`)."""
 
 
