@@ -348,6 +348,45 @@ def test_last_token_logits_is_the_output_layer_at_the_last_position(tiny_model):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_linear_gives_the_layers_result_in_every_case():
+    """`speed.linear` is `layer(x)`: with few rows through oneDNN (within fp32 rounding),
+    otherwise the layer's own call, bit for bit, with its gradient."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 512)
+    few, many = torch.randn(8, 1, 256), torch.randn(4, 40, 256)
+    with torch.no_grad():
+        assert torch.allclose(speed.linear(layer, few), layer(few), atol=1e-5)
+        assert torch.equal(speed.linear(layer, many), layer(many))  # too many rows
+        no_bias = torch.nn.Linear(256, 512, bias=False)
+        assert torch.allclose(speed.linear(no_bias, few), no_bias(few), atol=1e-5)
+        lora = helpers.LinearWithLoRA(copy.deepcopy(layer), rank=4, alpha=4)
+        assert torch.equal(speed.linear(lora, few), lora(few))  # not a plain Linear
+    out = speed.linear(layer, few)  # gradients wanted: the layer's own call
+    assert out.grad_fn is not None and torch.equal(out, layer(few))
+
+
+def test_generation_steps_use_onednn_on_this_cpu(monkeypatch):
+    """The few-row products of a generation step run through oneDNN's linear kernel
+    where PyTorch has it (every x86-64 build; the generation benchmark relies on it)."""
+    import platform
+
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert speed._has_onednn_linear()
+    calls = []
+    real = speed._onednn_kernel
+
+    def counting(x, weight, bias):
+        calls.append(tuple(x.shape))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(speed, "_onednn_kernel", counting)
+    layer = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        speed.linear(layer, torch.randn(2, 1, 64))
+        speed.linear(layer, torch.randn(2, 40, 64))
+    assert calls == ([(2, 1, 64)] if speed._has_onednn_linear() else [])
+
+
 def test_generate_batch_edge_cases(offline_model, prompts):
     assert speed.generate_batch(offline_model, prompts[:2], 0, 1024) == [[], []]
     assert speed.generate_batch(offline_model, [], 5, 1024) == []
