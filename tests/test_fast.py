@@ -370,8 +370,12 @@ def test_generation_steps_use_onednn_on_this_cpu(monkeypatch):
     where PyTorch has it (every x86-64 build; the generation benchmark relies on it)."""
     import platform
 
+    monkeypatch.setattr(speed, "_onednn_linear", None)  # checked anew, as on first use
+    before = torch.get_rng_state()
     if platform.machine() in ("x86_64", "AMD64"):
         assert speed._has_onednn_linear()
+    assert torch.equal(torch.get_rng_state(), before)  # the check draws no random numbers
+    # (a draw would change the next epoch's shuffled order in training)
     calls = []
     real = speed._onednn_kernel
 
