@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +29,9 @@ from torch.utils.data import Dataset
 
 import helpers
 from course import settings
-from course.artifacts import sha256_of_file, torch_save
-from course.speed import autocast_context, forward
-from course.training import get_rng_states, print_sample, set_rng_states
-from course.weights import load_state_dict_checked, read_pth
+from course.artifacts import sha256_of_file
+from course.speed import forward
+from course.training import Task, run_resumable
 
 NOTEBOOK = "10_preference_tuning_with_dpo"
 PREFERENCE_DATA_FILE = settings.ROOT / "instruction-data-with-preference.json"
@@ -474,60 +471,6 @@ def freeze(model):
     return model
 
 
-def _save_checkpoint(path, policy_model, optimizer, scaler, run_settings, progress, rng, epoch_rng):
-    finished = progress["finished"]
-    torch_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "settings": run_settings,
-            "progress": progress,
-            "model_state_dict": policy_model.state_dict(),
-            # a finished run is never continued: no optimizer state (twice the model)
-            "optimizer_state_dict": None if finished else optimizer.state_dict(),
-            "scaler_state_dict": None if finished or scaler is None else scaler.state_dict(),
-            "rng": None if finished else rng,
-            "epoch_rng": None if finished else epoch_rng,
-        },
-        path,
-    )
-
-
-def _load_checkpoint(path, policy_model, optimizer, scaler, run_settings):
-    """The checkpoint, loaded into the policy and optimizer; None to start afresh."""
-    start_over = (
-        "Delete it (the training cell then starts from the beginning) or set "
-        "COURSE_RETRAIN=1 (force=True) to overwrite it"
-    )
-    checkpoint = read_pth(path, NOTEBOOK)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a DPO checkpoint of this course. {start_over}.")
-    saved = checkpoint["settings"]
-    changed = [
-        f"{key} {saved.get(key)!r} then, {run_settings.get(key)!r} now"
-        for key in sorted(set(saved) | set(run_settings))
-        if saved.get(key) != run_settings.get(key)
-    ]
-    if changed and checkpoint["progress"]["finished"]:
-        print(f"{Path(path).name} holds a finished run with other settings ({'; '.join(changed)}).")
-        return None
-    if changed:
-        raise ValueError(
-            f"{path} holds an unfinished DPO run with other settings ({'; '.join(changed)}), "
-            f"and continuing it would mix two runs. {start_over}, or change the settings back."
-        )
-    load_state_dict_checked(policy_model, checkpoint["model_state_dict"], str(path))
-    if not checkpoint["progress"]["finished"]:
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        except (ValueError, KeyError) as exc:
-            raise ValueError(
-                f"The optimizer state in {path} does not fit this optimizer ({exc}). {start_over}."
-            ) from None
-        if scaler is not None:
-            scaler.load_state_dict(checkpoint["scaler_state_dict"])
-    return checkpoint
-
-
 def train_model_dpo(
     policy_model,
     reference_model,
@@ -553,7 +496,8 @@ def train_model_dpo(
     """`train_model_dpo_simple` that survives interruptions, with a progress bar.
 
     The same steps, evaluations and printed lines as the book's loop (with fp32, the
-    same losses and rewards, through `compute_dpo_loss_batch_fast`). In addition:
+    same losses and rewards, through `compute_dpo_loss_batch_fast`), run by
+    `course.training.run_resumable`, the loop of fine-tuning. In addition:
 
     - `checkpoint_path`: the policy's weights, the optimizer, the random number
       generators, the position in the epoch and the tracked values are saved there
@@ -569,198 +513,66 @@ def train_model_dpo(
     tracking lists (`train_losses`, `train_chosen_rewards`, ..., `tokens_seen`) plus
     `eval_steps`, `samples`, `global_step`, `train_seconds` and `finished`.
     """
-    from tqdm.auto import tqdm
-
-    device = torch.device(device)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            "train_loader has no batches: the training set is smaller than one batch "
-            "(drop_last=True). Use more entries (COURSE_DPO_LIMIT) or a smaller batch size."
-        )
-    if eval_freq < 1 or eval_iter < 1:
-        raise ValueError(
-            f"eval_freq and eval_iter must be at least 1, got {eval_freq}, {eval_iter}."
-        )
     if any(param.requires_grad for param in reference_model.parameters()):
         raise ValueError(
             "The reference model has trainable parameters: freeze it first "
             "(course.dpo.freeze(reference_model)), so that only the policy learns."
         )
-    run_settings = {
-        "num_epochs": num_epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "eval_freq": eval_freq,
-        "eval_iter": eval_iter,
-        "beta": beta,
-        "precision": precision,
-        "lr": optimizer.param_groups[0]["lr"],
-        "weight_decay": optimizer.param_groups[0].get("weight_decay"),
-        **(run_config or {}),
-    }
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    progress = {
-        "epoch": 0,  # the epoch in progress (0-based)
-        "batches_done": 0,  # batches of that epoch already trained on
-        "global_step": -1,
-        "tokens": 0,
-        **{key: [] for key in TRACKED},
-        "eval_steps": [],
-        "samples": [],
-        "train_seconds": 0.0,
-        "finished": False,
-    }
-    resume = None
-    if checkpoint_path is not None:
-        checkpoint_path = Path(checkpoint_path)
-        if checkpoint_path.exists() and not force:
-            resume = _load_checkpoint(
-                checkpoint_path, policy_model, optimizer, scaler, run_settings
-            )
-        if checkpoint_path.exists() and resume is None:
-            print(f"Training from the start ({checkpoint_path.name} will be replaced).")
-    if resume is not None:
-        progress = resume["progress"]
-        if progress["finished"]:
-            print(
-                f"This DPO run already finished ({checkpoint_path.name}): its trained policy "
-                f"is loaded. Final losses: train {progress['train_losses'][-1]:.3f}, val "
-                f"{progress['val_losses'][-1]:.3f}. Set COURSE_RETRAIN=1 (force=True) to "
-                "train again."
-            )
-            return dpo_history(progress)
-        print(
-            f"Continuing from {checkpoint_path.name}: epoch {progress['epoch'] + 1}, "
-            f"{progress['global_step'] + 1} of {num_epochs * steps_per_epoch} steps done."
-        )
 
-    start_time = time.perf_counter()
-    seconds_before = progress["train_seconds"]
-    last_save = start_time
-    steps_this_call = 0
-    bar = tqdm(
-        total=num_epochs * steps_per_epoch,
-        initial=progress["global_step"] + 1,
-        desc="DPO",
-        unit="step",
-        disable=not show_progress,
+    def evaluate(progress, epoch, step):
+        res = evaluate_dpo_fast(
+            policy_model, reference_model, train_loader, val_loader, beta, eval_iter
+        )
+        for name in ("train", "val"):
+            progress[f"{name}_losses"].append(res[f"{name}_loss"])
+            progress[f"{name}_chosen_rewards"].append(res[f"{name}_chosen_reward"])
+            progress[f"{name}_rejected_rewards"].append(res[f"{name}_rejected_reward"])
+        progress["tokens_seen"].append(progress["tokens"])
+        train_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
+        val_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
+        line = (
+            f"Ep {epoch + 1} (Step {step:06d}): "
+            f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
+            f"Train reward margins {train_margin:.3f}, "
+            f"Val reward margins {val_margin:.3f}"
+        )
+        return {"loss": f"{res['train_loss']:.3f}", "margin": f"{train_margin:.3f}"}, line
+
+    task = Task(
+        name="DPO",
+        label="DPO",
+        checkpoint_format=CHECKPOINT_FORMAT,
+        notebook=NOTEBOOK,
+        lr_advice="the book uses 5e-6). Nothing was saved as finished. Lower COURSE_DPO_LR",
+        progress={"tokens": 0, **{key: [] for key in TRACKED}},
+        token_counter="tokens",
+        batch_loss=lambda batch: compute_dpo_loss_batch_fast(
+            batch, policy_model, reference_model, beta
+        )[0],
+        batch_tokens=lambda batch: batch["chosen"].numel(),
+        evaluate=evaluate,
+        history=dpo_history,
     )
-
-    def save(epoch_rng):
-        progress["train_seconds"] = seconds_before + time.perf_counter() - start_time
-        _save_checkpoint(
-            checkpoint_path,
-            policy_model,
-            optimizer,
-            scaler,
-            run_settings,
-            progress,
-            get_rng_states(train_loader),
-            epoch_rng,
-        )
-
-    try:
-        for epoch in range(progress["epoch"], num_epochs):
-            policy_model.train()
-            if resume is not None:  # replay the shuffle of the epoch that was interrupted
-                set_rng_states(resume["epoch_rng"] or resume["rng"], train_loader)
-            epoch_rng = get_rng_states(train_loader)  # what this epoch's order comes from
-            batches = iter(train_loader)
-            if resume is not None:
-                if progress["batches_done"] > 0:  # interrupted inside the epoch
-                    for _ in range(progress["batches_done"]):  # already trained on
-                        next(batches)
-                    set_rng_states(resume["rng"], train_loader)  # as when it was saved
-                resume = None
-            for batch in batches:
-                optimizer.zero_grad()
-                with autocast_context(device, precision):
-                    loss, _, _ = compute_dpo_loss_batch_fast(
-                        batch, policy_model, reference_model, beta
-                    )
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(
-                        f"The DPO loss is {loss.item()} at step {progress['global_step'] + 1}: "
-                        f"training diverged (a learning rate of {run_settings['lr']} may be too "
-                        "large; the book uses 5e-6). Nothing was saved as finished. Lower "
-                        "COURSE_DPO_LR and set COURSE_RETRAIN=1 to start over."
-                    )
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                progress["tokens"] += batch["chosen"].numel()
-                progress["global_step"] += 1
-                progress["batches_done"] += 1
-                step = progress["global_step"]
-                steps_this_call += 1
-                bar.update(1)
-                if step % eval_freq == 0:
-                    with autocast_context(device, precision):
-                        res = evaluate_dpo_fast(
-                            policy_model, reference_model, train_loader, val_loader, beta, eval_iter
-                        )
-                    for name in ("train", "val"):
-                        progress[f"{name}_losses"].append(res[f"{name}_loss"])
-                        progress[f"{name}_chosen_rewards"].append(res[f"{name}_chosen_reward"])
-                        progress[f"{name}_rejected_rewards"].append(res[f"{name}_rejected_reward"])
-                    progress["tokens_seen"].append(progress["tokens"])
-                    progress["eval_steps"].append(step)
-                    train_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
-                    val_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
-                    bar.set_postfix(loss=f"{res['train_loss']:.3f}", margin=f"{train_margin:.3f}")
-                    tqdm.write(
-                        f"Ep {epoch + 1} (Step {step:06d}): "
-                        f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
-                        f"Train reward margins {train_margin:.3f}, "
-                        f"Val reward margins {val_margin:.3f}"
-                    )
-                stop = max_steps is not None and steps_this_call >= max_steps
-                due = (checkpoint_every is not None and (step + 1) % checkpoint_every == 0) or (
-                    checkpoint_minutes is not None
-                    and time.perf_counter() - last_save >= 60 * checkpoint_minutes
-                )
-                # (after an epoch's last batch the end-of-epoch checkpoint follows)
-                if checkpoint_path is not None and (
-                    stop or (due and progress["batches_done"] < steps_per_epoch)
-                ):
-                    save(epoch_rng)
-                    last_save = time.perf_counter()
-                if stop:
-                    bar.close()
-                    print(
-                        f"Stopped after {steps_this_call} steps (max_steps), at step "
-                        f"{step + 1} of {num_epochs * steps_per_epoch}."
-                        + (" Run again to continue." if checkpoint_path is not None else "")
-                    )
-                    progress["train_seconds"] = seconds_before + time.perf_counter() - start_time
-                    return dpo_history(progress)
-            bar.refresh()
-            progress["samples"].append(print_sample(policy_model, tokenizer, device, start_context))
-            progress["epoch"], progress["batches_done"] = epoch + 1, 0
-            if checkpoint_path is not None and epoch + 1 < num_epochs:
-                save(None)
-                last_save = time.perf_counter()
-        progress["finished"] = True
-        progress["train_seconds"] = seconds_before + time.perf_counter() - start_time
-        if checkpoint_path is not None:
-            save(None)
-    except KeyboardInterrupt:
-        bar.close()
-        if checkpoint_path is not None and checkpoint_path.exists():
-            print(
-                f"Interrupted. The last checkpoint is in {checkpoint_path.name}: run the "
-                "cell again to continue from there."
-            )
-        elif checkpoint_path is not None:
-            print("Interrupted before the first checkpoint: training starts anew next time.")
-        raise
-    finally:
-        bar.close()
-    return dpo_history(progress)
+    return run_resumable(
+        task,
+        policy_model,
+        train_loader,
+        optimizer,
+        device,
+        num_epochs,
+        eval_freq,
+        eval_iter,
+        start_context,
+        tokenizer,
+        checkpoint_path=checkpoint_path,
+        precision=precision,
+        run_config={"beta": beta, **(run_config or {})},
+        checkpoint_every=checkpoint_every,
+        checkpoint_minutes=checkpoint_minutes,
+        force=force,
+        max_steps=max_steps,
+        show_progress=show_progress,
+    )
 
 
 def dpo_history(progress: dict) -> dict[str, Any]:

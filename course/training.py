@@ -6,13 +6,17 @@ with fp32, ends at the same losses; in addition it saves checkpoints (weights,
 optimizer, random number generators, position in the epoch), continues an
 interrupted run exactly where it stopped, shows a progress bar, uses the fast paths
 of `course.speed`, and stops at the first loss that is not a finite number.
+`run_resumable` is that loop; `course.dpo.train_model_dpo` runs DPO through it too.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,10 +114,32 @@ def set_rng_states(states: dict, data_loader=None) -> None:
         data_loader.generator.set_state(states["loader"])
 
 
+@dataclass
+class Task:
+    """What a resumable run trains: the parts in which fine-tuning and DPO differ.
+
+    `run_resumable` does the rest, the same for both: the epochs, the checkpoints and
+    continuing from them, the progress bar, the evaluations every `eval_freq` steps,
+    stopping at a loss that is not a finite number.
+    """
+
+    name: str  # "training" or "DPO", in messages: "the DPO loss", "a training checkpoint"
+    checkpoint_format: str  # written into the checkpoint, checked when it is read
+    label: str  # the progress bar's: "Fine-tuning" or "DPO"
+    notebook: str  # the notebook whose checkpoint it is (in error messages)
+    lr_advice: str  # what to do when the loss diverges
+    progress: dict  # the run's own entries of the progress, at the start
+    token_counter: str  # the progress entry that counts the tokens trained on
+    batch_loss: Callable  # batch -> loss (a tensor with a gradient)
+    batch_tokens: Callable  # batch -> the number of tokens it holds
+    evaluate: Callable  # (progress, epoch, step) -> (progress bar postfix, line to print)
+    history: Callable  # progress -> what the training function returns
+
+
 def save_training_checkpoint(
-    path: str | Path, model, optimizer, scaler, settings: dict, progress: dict, rng: dict, epoch_rng
-) -> None:
-    """Write everything `train_model` needs to continue, atomically.
+    path, model, optimizer, scaler, task, settings, progress, rng, epoch_rng
+):
+    """Write everything `run_resumable` needs to continue, atomically.
 
     `epoch_rng` is the generators' state just before the current epoch's shuffle (None
     between epochs); `rng` their state now. A finished run keeps only the weights and
@@ -121,7 +147,7 @@ def save_training_checkpoint(
     """
     finished = progress["finished"]
     checkpoint = {
-        "format": CHECKPOINT_FORMAT,
+        "format": task.checkpoint_format,
         "settings": settings,
         "progress": progress,
         "model_state_dict": model.state_dict(),
@@ -133,10 +159,8 @@ def save_training_checkpoint(
     torch_save(checkpoint, path)
 
 
-def load_training_checkpoint(
-    path: str | Path, model, optimizer, scaler, settings: dict
-) -> dict | None:
-    """Read a checkpoint of `train_model` into `model`, `optimizer` and `scaler`.
+def load_training_checkpoint(path, model, optimizer, scaler, task, settings) -> dict | None:
+    """Read a checkpoint of `run_resumable` into `model`, `optimizer` and `scaler`.
 
     Returns the checkpoint, or None when it holds a finished run with other settings
     (a new run may replace it). Stops with a clear message when the file is damaged,
@@ -148,9 +172,9 @@ def load_training_checkpoint(
         "Delete it (the training cell then starts from the beginning) or set "
         "COURSE_RETRAIN=1 (force=True) to overwrite it"
     )
-    checkpoint = read_pth(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a training checkpoint of this course. {start_over}.")
+    checkpoint = read_pth(path, task.notebook)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != task.checkpoint_format:
+        raise ValueError(f"{path} is not a {task.name} checkpoint of this course. {start_over}.")
     saved = checkpoint["settings"]
     changed = [
         f"{key} {saved.get(key)!r} then, {settings.get(key)!r} now"
@@ -162,8 +186,9 @@ def load_training_checkpoint(
         return None
     if changed:
         raise ValueError(
-            f"{path} holds an unfinished run with other settings ({'; '.join(changed)}), "
-            f"and continuing it would mix two runs. {start_over}, or change the settings back."
+            f"{path} holds an unfinished {task.name} run with other settings "
+            f"({'; '.join(changed)}), and continuing it would mix two runs. {start_over}, "
+            "or change the settings back."
         )
     load_state_dict_checked(model, checkpoint["model_state_dict"], str(path))
     if not checkpoint["progress"]["finished"]:
@@ -219,7 +244,76 @@ def train_model(
     three lists), `eval_steps`, `samples` (the text generated after each epoch),
     `global_step`, `train_seconds` and `finished`.
     """
-    from tqdm import tqdm
+    device = torch.device(device)
+
+    def evaluate(progress, epoch, step):
+        train_loss, val_loss = evaluate_model_fast(
+            model, train_loader, val_loader, device, eval_iter
+        )
+        progress["train_losses"].append(train_loss)
+        progress["val_losses"].append(val_loss)
+        progress["track_tokens_seen"].append(progress["tokens_seen"])
+        line = f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+        return {"train": f"{train_loss:.3f}", "val": f"{val_loss:.3f}"}, line
+
+    task = Task(
+        name="training",
+        label="Fine-tuning",
+        checkpoint_format=CHECKPOINT_FORMAT,
+        notebook="05_instruction_finetuning",
+        lr_advice="the book uses 5e-5). Nothing was saved as finished. Lower COURSE_LR",
+        progress={"tokens_seen": 0, "train_losses": [], "val_losses": [], "track_tokens_seen": []},
+        token_counter="tokens_seen",
+        batch_loss=lambda batch: calc_loss_batch_fast(*batch, model, device),
+        batch_tokens=lambda batch: batch[0].numel(),
+        evaluate=evaluate,
+        history=training_history,
+    )
+    return run_resumable(
+        task,
+        model,
+        train_loader,
+        optimizer,
+        device,
+        num_epochs,
+        eval_freq,
+        eval_iter,
+        start_context,
+        tokenizer,
+        checkpoint_path=checkpoint_path,
+        precision=precision,
+        run_config=run_config,
+        checkpoint_every=checkpoint_every,
+        checkpoint_minutes=checkpoint_minutes,
+        force=force,
+        max_steps=max_steps,
+        show_progress=show_progress,
+    )
+
+
+def run_resumable(
+    task: Task,
+    model: nn.Module,
+    train_loader,
+    optimizer: torch.optim.Optimizer,
+    device,
+    num_epochs: int,
+    eval_freq: int,
+    eval_iter: int,
+    start_context: str,
+    tokenizer,
+    checkpoint_path: str | Path | None = None,
+    precision: str = "fp32",
+    run_config: dict | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float | None = 5.0,
+    force: bool = False,
+    max_steps: int | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """The resumable loop of `train_model` and `course.dpo.train_model_dpo`: `task` says
+    what it trains, the other arguments are theirs."""
+    from tqdm import tqdm  # (tqdm.auto without ipywidgets warns with a machine path)
 
     device = torch.device(device)
     keep_freed_memory()  # (see course.speed: fewer page faults per step on Linux)
@@ -248,10 +342,7 @@ def train_model(
         "epoch": 0,  # the epoch in progress (0-based)
         "batches_done": 0,  # batches of that epoch already trained on
         "global_step": -1,
-        "tokens_seen": 0,
-        "train_losses": [],
-        "val_losses": [],
-        "track_tokens_seen": [],
+        **copy.deepcopy(task.progress),  # the losses and what else the task tracks
         "eval_steps": [],
         "samples": [],
         "train_seconds": 0.0,
@@ -261,7 +352,9 @@ def train_model(
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
         if checkpoint_path.exists() and not force:
-            resume = load_training_checkpoint(checkpoint_path, model, optimizer, scaler, settings)
+            resume = load_training_checkpoint(
+                checkpoint_path, model, optimizer, scaler, task, settings
+            )
         if checkpoint_path.exists() and resume is None:
             print(f"Training from the start ({checkpoint_path.name} will be replaced).")
     if resume is not None:
@@ -273,7 +366,7 @@ def train_model(
                 f"{progress['val_losses'][-1]:.3f}. Set COURSE_RETRAIN=1 (force=True) to "
                 "train again."
             )
-            return training_history(progress)
+            return task.history(progress)
         print(
             f"Continuing from {checkpoint_path.name}: epoch {progress['epoch'] + 1}, "
             f"{progress['global_step'] + 1} of {num_epochs * steps_per_epoch} steps done."
@@ -286,7 +379,7 @@ def train_model(
     bar = tqdm(
         total=num_epochs * steps_per_epoch,
         initial=progress["global_step"] + 1,
-        desc="Fine-tuning",
+        desc=task.label,
         unit="step",
         disable=not show_progress,
     )
@@ -298,6 +391,7 @@ def train_model(
             model,
             optimizer,
             scaler,
+            task,
             settings,
             progress,
             get_rng_states(train_loader),
@@ -320,17 +414,16 @@ def train_model(
                 # (at an epoch's start the state restored above is already the right
                 # one: restoring it again after iter() would undo the loader's draw)
                 resume = None
-            for input_batch, target_batch in batches:
+            for batch in batches:
                 optimizer.zero_grad()
                 with autocast_context(device, precision):
-                    loss = calc_loss_batch_fast(input_batch, target_batch, model, device)
+                    loss = task.batch_loss(batch)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(
-                        f"The training loss is {loss.item()} at step "
+                        f"The {task.name} loss is {loss.item()} at step "
                         f"{progress['global_step'] + 1}: training diverged (a learning rate "
-                        f"of {settings['lr']} may be too large; the book uses 5e-5). Nothing "
-                        "was saved as finished. Lower COURSE_LR and set COURSE_RETRAIN=1 to "
-                        "start over."
+                        f"of {settings['lr']} may be too large; {task.lr_advice} and set "
+                        "COURSE_RETRAIN=1 to start over."
                     )
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -339,7 +432,7 @@ def train_model(
                 else:
                     loss.backward()
                     optimizer.step()
-                progress["tokens_seen"] += input_batch.numel()
+                progress[task.token_counter] += task.batch_tokens(batch)
                 progress["global_step"] += 1
                 progress["batches_done"] += 1
                 step = progress["global_step"]
@@ -347,18 +440,10 @@ def train_model(
                 bar.update(1)
                 if step % eval_freq == 0:
                     with autocast_context(device, precision):
-                        train_loss, val_loss = evaluate_model_fast(
-                            model, train_loader, val_loader, device, eval_iter
-                        )
-                    progress["train_losses"].append(train_loss)
-                    progress["val_losses"].append(val_loss)
-                    progress["track_tokens_seen"].append(progress["tokens_seen"])
+                        postfix, line = task.evaluate(progress, epoch, step)
                     progress["eval_steps"].append(step)
-                    bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-                    tqdm.write(
-                        f"Ep {epoch + 1} (Step {step:06d}): "
-                        f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
-                    )
+                    bar.set_postfix(postfix)
+                    tqdm.write(line)
                 stop = max_steps is not None and steps_this_call >= max_steps
                 due = (checkpoint_every is not None and (step + 1) % checkpoint_every == 0) or (
                     checkpoint_minutes is not None
@@ -378,7 +463,7 @@ def train_model(
                         + (" Run again to continue." if checkpoint_path is not None else "")
                     )
                     progress["train_seconds"] = seconds_before + time.perf_counter() - start_time
-                    return training_history(progress)
+                    return task.history(progress)
             bar.refresh()
             progress["samples"].append(print_sample(model, tokenizer, device, start_context))
             progress["epoch"], progress["batches_done"] = epoch + 1, 0
@@ -401,7 +486,7 @@ def train_model(
         raise
     finally:
         bar.close()
-    return training_history(progress)
+    return task.history(progress)
 
 
 def training_history(progress: dict) -> dict:
