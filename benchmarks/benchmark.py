@@ -11,7 +11,8 @@ test split formatted with format_input):
 - "fast" rows: `course.speed` on that same model, as `course.training.train_model`
   and notebook 07 run it: `calc_loss_batch_fast`, the fused AdamW of
   `make_optimizer`, bf16 autocast where the row says so, `generate_fast` (key/value
-  cache) and `generate_batch` (cache and batches), after `keep_freed_memory()`.
+  cache) and `generate_batch` (cache and batches; the few-row matrix products of each
+  step through oneDNN, `course.speed.linear`), after `keep_freed_memory()`.
 - "LoRA" rows: the fast fp32 row with the pretrained weights frozen and
   `helpers.replace_linear_with_lora(model, rank=16, alpha=16)` (exercise 7.4).
 
@@ -53,7 +54,7 @@ LEARNING_RATE, WEIGHT_DECAY, BATCH_SIZE, SEED = 5e-5, 0.1, 8, 123
 LORA_RANK, LORA_ALPHA = 16, 16
 
 TRAIN_ROWS = ["book fp32", "fast fp32", "fast bf16", "fast fp32 LoRA r16"]
-GENERATION_ROWS = ["book generate", "cached", "cached + batched"]
+GENERATION_ROWS = ["book generate", "cached", "cached + batched", "batched, no oneDNN"]
 # the course's claims: (row, the speed-up over the book's row it must reach at least)
 CLAIMS = [("fast fp32", 1.4), ("fast bf16", 3.0), ("cached + batched", 20.0)]
 
@@ -171,11 +172,13 @@ def measure_generation(
     model.eval()
     if not variant.startswith("book"):
         speed.keep_freed_memory()
+    if variant == "batched, no oneDNN":  # what oneDNN buys: every product through MKL
+        speed._onednn_linear = False
     context_size = model.pos_emb.weight.shape[0]
     loaded_mb = rss_mb()
 
     def run(some_prompts, n_new):
-        if variant == "cached + batched":
+        if variant in ("cached + batched", "batched, no oneDNN"):
             return speed.generate_batch(
                 model, some_prompts, n_new, context_size, eos_id=EOS_ID, batch_size=batch_size
             )
