@@ -13,7 +13,7 @@ fp32 rounding, as the tests check):
 - `calc_loss_batch_fast` computes the output layer only where a target counts and
   leaves out trailing padding; `make_optimizer` is AdamW's fused kernel.
 - `linear` runs the matrix products of generation steps (a few rows) through
-  oneDNN's kernel on the CPU, which reads each weight matrix once for all the rows.
+  oneDNN's kernel on x86-64 CPUs, which reads each weight matrix once for all the rows.
 - `choose_precision` and `autocast_context`: bf16 or fp16 mixed precision.
 - `keep_freed_memory` stops the C library from handing freed memory back to the
   system after every step (which costs page faults when it is asked for again).
@@ -22,6 +22,7 @@ fp32 rounding, as the tests check):
 from __future__ import annotations
 
 import ctypes
+import platform
 import sys
 
 import torch
@@ -76,7 +77,7 @@ def _require_gpt_model(model: nn.Module, function: str) -> None:
         )
 
 
-FEW_ROWS = 32  # up to this many rows, `linear` uses oneDNN's kernel on the CPU
+FEW_ROWS = 32  # up to this many rows, `linear` uses oneDNN's kernel (x86-64 CPUs)
 _onednn_linear: bool | None = None  # whether this PyTorch has it (checked on first use)
 
 
@@ -86,8 +87,14 @@ def _onednn_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _has_onednn_linear() -> bool:
-    """Whether PyTorch's oneDNN linear kernel runs here and gives F.linear's result."""
+    """Whether PyTorch's oneDNN linear kernel runs here and gives F.linear's result.
+
+    Only on x86-64 CPUs, where it was measured (benchmarks/README.md); ARM CPUs (Apple
+    silicon, for example) keep PyTorch's default path.
+    """
     global _onednn_linear
+    if _onednn_linear is None and platform.machine().lower() not in ("x86_64", "amd64"):
+        _onednn_linear = False
     if _onednn_linear is None:
         try:
             own = torch.Generator().manual_seed(0)  # (the global generator stays untouched)
@@ -100,14 +107,14 @@ def _has_onednn_linear() -> bool:
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`, the same products; for a few rows on the CPU, a faster kernel.
+    """`layer(x)`, the same products; for a few rows on an x86-64 CPU, a faster kernel.
 
     A generation step multiplies one new token per prompt by every weight matrix:
-    few rows, large matrices. For that shape the CPU's default matrix library (MKL)
-    can read a weight matrix once per couple of rows, while oneDNN's linear kernel
-    (also part of PyTorch) reads it once for all of them: up to twice as fast on
-    gpt2-medium. Used only for a plain fp32 nn.Linear, without gradients or autocast;
-    everything else (training, LoRA layers, GPUs) calls `layer(x)`.
+    few rows, large matrices. PyTorch's default matrix library (MKL) is slow for that
+    shape on some CPUs; oneDNN's linear kernel (also part of PyTorch) reads each weight
+    matrix once for all the rows (benchmarks/README.md, row "batched, no oneDNN").
+    Used only for a plain fp32 nn.Linear, without gradients or autocast; everything
+    else (training, LoRA layers, GPUs, ARM CPUs) calls `layer(x)`.
     """
     if (
         type(layer) is nn.Linear

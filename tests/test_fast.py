@@ -366,14 +366,15 @@ def test_linear_gives_the_layers_result_in_every_case():
 
 
 def test_generation_steps_use_onednn_on_this_cpu(monkeypatch):
-    """The few-row products of a generation step run through oneDNN's linear kernel
-    where PyTorch has it (every x86-64 build; the generation benchmark relies on it)."""
+    """The few-row products of a generation step run through oneDNN's linear kernel on
+    x86-64 CPUs (every x86-64 build of PyTorch has it; the generation benchmark relies
+    on it); other CPUs keep PyTorch's default path."""
     import platform
 
     monkeypatch.setattr(speed, "_onednn_linear", None)  # checked anew, as on first use
     before = torch.get_rng_state()
-    if platform.machine() in ("x86_64", "AMD64"):
-        assert speed._has_onednn_linear()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert speed._has_onednn_linear() == x86
     assert torch.equal(torch.get_rng_state(), before)  # the check draws no random numbers
     # (a draw would change the next epoch's shuffled order in training)
     calls = []
@@ -388,7 +389,11 @@ def test_generation_steps_use_onednn_on_this_cpu(monkeypatch):
     with torch.no_grad():
         speed.linear(layer, torch.randn(2, 1, 64))
         speed.linear(layer, torch.randn(2, 40, 64))
-    assert calls == ([(2, 1, 64)] if speed._has_onednn_linear() else [])
+    assert calls == ([(2, 1, 64)] if x86 else [])
+    # on an ARM CPU it is not used, even where the kernel exists
+    monkeypatch.setattr(speed, "_onednn_linear", None)
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert not speed._has_onednn_linear()
 
 
 def test_generate_batch_edge_cases(offline_model, prompts):
