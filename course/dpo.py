@@ -543,7 +543,8 @@ def train_model_dpo(
         label="DPO",
         checkpoint_format=CHECKPOINT_FORMAT,
         notebook=NOTEBOOK,
-        lr_advice="the book uses 5e-6). Nothing was saved as finished. Lower COURSE_DPO_LR",
+        book_lr="5e-6",
+        lr_setting="COURSE_DPO_LR",
         progress={"tokens": 0, **{key: [] for key in TRACKED}},
         token_counter="tokens",
         batch_loss=lambda batch: compute_dpo_loss_batch_fast(

@@ -127,7 +127,8 @@ class Task:
     checkpoint_format: str  # written into the checkpoint, checked when it is read
     label: str  # the progress bar's: "Fine-tuning" or "DPO"
     notebook: str  # the notebook whose checkpoint it is (in error messages)
-    lr_advice: str  # what to do when the loss diverges
+    book_lr: str  # the book's learning rate, and the setting that changes it: in the
+    lr_setting: str  # message when the loss diverges ("5e-5", "COURSE_LR")
     progress: dict  # the run's own entries of the progress, at the start
     token_counter: str  # the progress entry that counts the tokens trained on
     batch_loss: Callable  # batch -> loss (a tensor with a gradient)
@@ -261,7 +262,8 @@ def train_model(
         label="Fine-tuning",
         checkpoint_format=CHECKPOINT_FORMAT,
         notebook="05_instruction_finetuning",
-        lr_advice="the book uses 5e-5). Nothing was saved as finished. Lower COURSE_LR",
+        book_lr="5e-5",
+        lr_setting="COURSE_LR",
         progress={"tokens_seen": 0, "train_losses": [], "val_losses": [], "track_tokens_seen": []},
         token_counter="tokens_seen",
         batch_loss=lambda batch: calc_loss_batch_fast(*batch, model, device),
@@ -422,7 +424,8 @@ def run_resumable(
                     raise FloatingPointError(
                         f"The {task.name} loss is {loss.item()} at step "
                         f"{progress['global_step'] + 1}: training diverged (a learning rate "
-                        f"of {settings['lr']} may be too large; {task.lr_advice} and set "
+                        f"of {settings['lr']} may be too large; the book uses {task.book_lr}). "
+                        f"Nothing was saved as finished. Lower {task.lr_setting} and set "
                         "COURSE_RETRAIN=1 to start over."
                     )
                 if scaler is not None:
