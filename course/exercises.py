@@ -140,8 +140,9 @@ def check_format_input_phi3(format_input_phi3) -> Result:
     import helpers
 
     what = "format_input_phi3"
-    for number, entry in enumerate(PHI3_ENTRIES):
-        expected = helpers.format_input(entry, "phi3")
+    # every expected prompt first: nothing the student's code changes can alter them
+    expected_prompts = [helpers.format_input(entry, "phi3") for entry in PHI3_ENTRIES]
+    for number, (entry, expected) in enumerate(zip(PHI3_ENTRIES, expected_prompts, strict=True)):
         kind, got = _call(format_input_phi3, entry)
         if kind == "value" and got is None and number == 0:
             return not_attempted("7.1", what)
@@ -266,10 +267,14 @@ def check_instruction_masking(collate) -> Result:
 
     what = "custom_collate_with_masking"
     checked = []
-    for number, (name, batch) in enumerate(_masking_batches()):
+    # every expected tensor first: nothing the student's code changes can alter them
+    cases = []
+    for name, batch in _masking_batches():
         items = [(list(ids), length) for ids, length in batch]
-        expected_inputs, expected_targets = helpers.custom_collate_fn(items, mask_instructions=True)
-        _, plain_targets = helpers.custom_collate_fn([ids for ids, _ in items])
+        expected = helpers.custom_collate_fn(items, mask_instructions=True)
+        plain = helpers.custom_collate_fn([ids for ids, _ in items])
+        cases.append((name, items, *expected, plain[1]))
+    for number, (name, items, expected_inputs, expected_targets, plain_targets) in enumerate(cases):
         shown = repr(items) if number == 0 else f"{name} (prompt lengths {[n for _, n in items]})"
         kind, got = _call(collate, items)
         if kind == "value" and got is None and number == 0:
