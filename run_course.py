@@ -130,8 +130,11 @@ def course_settings(args: argparse.Namespace, base: dict[str, str] | None = None
     if dataset and dataset not in ("book", "alpaca") and "://" not in dataset:
         if Path(dataset).exists():  # a file given relative to here: the kernels run elsewhere
             env["COURSE_DATASET"] = str(Path(dataset).resolve())
-    folder = args.artifacts or env.get("COURSE_ARTIFACTS") or str(ROOT / "artifacts")
-    env["COURSE_ARTIFACTS"] = str(Path(folder).resolve())
+    if args.artifacts:  # a path on the command line counts from the current folder
+        env["COURSE_ARTIFACTS"] = str(Path(args.artifacts).expanduser().resolve())
+    else:  # the variable means what it means in the notebooks: from the course folder
+        folder = Path(os.path.expanduser(env.get("COURSE_ARTIFACTS", "").strip() or "artifacts"))
+        env["COURSE_ARTIFACTS"] = str((settings.ROOT / folder).resolve())
     return env
 
 
@@ -271,14 +274,36 @@ class NotebookRun:
     cell_first_line: str = ""
     ename: str = ""
     evalue: str = ""
+    kernel_exit: int | None = None  # the kernel process's exit code (-9: killed by SIGKILL)
 
     def failure_report(self) -> str:
-        return (
+        report = (
             f"{self.name} failed in cell {self.cell_index} (counting from 0): "
             f"{self.cell_first_line}\n"
             f"  {self.ename}: {self.evalue}\n"
+        )
+        if self.ename == "DeadKernelError":
+            report += self.dead_kernel_advice() + "\n"
+        return report + (
             f"The executed notebook, with the full traceback: {self.executed}\n"
             f"What the kernel itself printed: {self.executed.with_suffix('.kernel.log')}"
+        )
+
+    def dead_kernel_advice(self) -> str:
+        """What a student does when the kernel died under a cell (usually: out of memory)."""
+        how = ""
+        if self.kernel_exit is not None and self.kernel_exit < 0:
+            with contextlib.suppress(ValueError):
+                how = f" (it was killed: {signal.Signals(-self.kernel_exit).name})"
+        elif self.kernel_exit is not None:
+            how = f" (it exited with code {self.kernel_exit})"
+        return (
+            f"The Python kernel died while running this cell{how}. Most often the machine "
+            "ran out of memory, and the system stopped the process that used the most.\n"
+            "Use a smaller model (--model gpt2-small, or --offline) or a smaller batch "
+            "(--batch-size 4; for notebook 07's generation COURSE_GENERATION_BATCH_SIZE=2), "
+            "then run it again from this notebook, with the same options:\n"
+            f"    python run_course.py --from {_number(self.name)}"
         )
 
 
@@ -301,7 +326,7 @@ def run_notebook(
         if cell.cell_type == "code":
             cell.outputs = []
             cell.execution_count = None
-    current = {"index": None}
+    current: dict[str, Any] = {"index": None, "process": None}
     interrupted: list[bool] = []
 
     def on_sigint() -> None:  # Ctrl+C: interrupt the running cell, as Jupyter's stop button
@@ -313,6 +338,9 @@ def run_notebook(
 
     def on_cell_start(cell, cell_index, **_):
         current["index"] = cell_index
+        # the kernel process: how it ended tells a crash from being killed for memory
+        process = getattr(getattr(client.km, "provisioner", None), "process", None)
+        current["process"] = process or current["process"]
         # nbclient's own SIGINT handler shuts the kernel down under the running cell, which
         # ends in an empty AssertionError; this one interrupts the cell instead
         with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
@@ -343,6 +371,10 @@ def run_notebook(
         result.ename = getattr(exc, "ename", None) or type(exc).__name__
         text = str(exc).strip()
         result.evalue = getattr(exc, "evalue", None) or (text.splitlines()[-1] if text else "")
+        process = current["process"]
+        if process is not None and result.ename == "DeadKernelError":
+            with contextlib.suppress(Exception):
+                result.kernel_exit = process.wait(timeout=5)
         if current["index"] is not None:
             result.cell_index = current["index"]
             source = nb.cells[current["index"]].source.strip()
@@ -492,7 +524,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mask the prompt in the loss (exercise 7.2)",
     )
     parser.add_argument(
-        "--artifacts", help="folder for the artifacts (artifacts/); sets COURSE_ARTIFACTS"
+        "--artifacts",
+        help="folder for the artifacts, from the current folder; sets COURSE_ARTIFACTS "
+        "(without it: COURSE_ARTIFACTS, relative to the course folder as in the notebooks, "
+        "or artifacts/ there)",
     )
     parser.add_argument("--only", help="run only these notebooks, e.g. 07,08 (or 10, the bonus)")
     parser.add_argument("--from", dest="start", help="start at this notebook, e.g. 05")

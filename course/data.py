@@ -39,6 +39,7 @@ BOOK_SPLIT = {"train": 935, "val": 55, "test": 110}  # the book's split of its 1
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 ALPACA_ENTRIES = 52_002
 SUBSET_SEED = 123  # COURSE_DATA_LIMIT's subset: the same entries on every machine
+DOWNLOAD_SECONDS = 30 * 60  # the longest a dataset download may take (it resumes after)
 
 
 class DatasetError(ValueError):
@@ -75,7 +76,31 @@ def validate_instruction_data(data: Any, source: str, fix: str = REFETCH) -> lis
                     f'{source}: entry {index}, field "{field}" is of type '
                     f"{type(entry[field]).__name__}, not a string. Fix that entry."
                 )
+    try:  # what save_split will write must be UTF-8 text
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        _raise_unwritable_entry(data, source)
     return data
+
+
+def _raise_unwritable_entry(data: list[dict], source: str) -> None:
+    """Name the entry and field of `data` that cannot be written as UTF-8 JSON."""
+    for index, entry in enumerate(data):
+        for field, value in entry.items():
+            try:
+                json.dumps({field: value}, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                code = ord(exc.object[exc.start])
+                raise DatasetError(
+                    f'{source}: entry {index}, field "{field}" holds the escape \\u{code:04x}, '
+                    "half of a character pair (a lone surrogate) that is not text on its "
+                    "own. Fix that entry (or remove it)."
+                ) from None
+            except RecursionError:
+                raise DatasetError(
+                    f'{source}: entry {index}, field "{field}" is nested too deeply to be '
+                    "written again. Fix that entry (or remove it)."
+                ) from None
 
 
 def load_instruction_data(
@@ -83,12 +108,15 @@ def load_instruction_data(
     url: str = DATA_URL,
     expected_sha256: str | None = None,
     show_progress: bool = False,
+    max_bytes: int | None = None,
+    max_seconds: float = DOWNLOAD_SECONDS,
 ) -> list[dict]:
     """Download the dataset when `file_path` is missing, then load and validate it.
 
     A download from the book's DATA_URL must match DATA_SHA256 (pass `expected_sha256`
     to check a copy from elsewhere). An interrupted download continues where it
-    stopped when the cell runs again.
+    stopped when the cell runs again. A download may bring at most `max_bytes`
+    (default: COURSE_DATASET_MAX_MB megabytes) and take at most `max_seconds`.
     """
     from course import weights  # the robust downloader
 
@@ -96,10 +124,24 @@ def load_instruction_data(
     if not file_path.exists():
         if expected_sha256 is None and url == DATA_URL:
             expected_sha256 = DATA_SHA256
+        limit_mb = settings.setting("COURSE_DATASET_MAX_MB")
         try:
             weights.download_file(
-                url, file_path, show_progress=show_progress, expected_sha256=expected_sha256
+                url,
+                file_path,
+                show_progress=show_progress,
+                expected_sha256=expected_sha256,
+                max_bytes=limit_mb * 1_000_000 if max_bytes is None else max_bytes,
+                max_seconds=max_seconds,
             )
+        except weights.DownloadTooLarge as exc:
+            fix = (
+                f"The limit is COURSE_DATASET_MAX_MB={limit_mb} (megabytes): if the file "
+                "really is that large, set it higher and run the cell again."
+                if max_bytes is None
+                else "Pass a larger max_bytes if the file really is that large."
+            )
+            raise DatasetError(f"{exc} {fix}") from None
         except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
             raise ConnectionError(
                 f"Could not download {url}: {weights.describe_network_error(exc, url)}\n"
@@ -121,7 +163,47 @@ def load_instruction_data(
         raise DatasetError(
             f"{file_path}: not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}). {fix}"
         ) from None
+    except RecursionError:
+        line, column, entry = _deep_nesting_position(text)
+        where, what = f"entry {entry} (line {line}, column {column})", "Fix or remove that entry."
+        if entry is None:
+            where, what = f"line {line}, column {column}", fix
+        raise DatasetError(
+            f"{file_path}: brackets nested more than {MAX_NESTING} deep in {where}, too deep "
+            f"to read (an entry is one object of three strings). {what}"
+        ) from None
     return validate_instruction_data(data, str(file_path), fix)
+
+
+MAX_NESTING = 500  # [ and { inside each other: an entry needs 2; Python's parser stops near 1,000
+
+
+def _deep_nesting_position(text: str, limit: int = MAX_NESTING) -> tuple[int, int, int | None]:
+    """Where JSON `text` first nests deeper than `limit`: line and column (from 1) and
+    the index of the entry of the top-level list (None outside one)."""
+    depth, in_string, escaped, entry = 0, False, False, 0
+    for position, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                line = text.count("\n", 0, position) + 1
+                column = position - (text.rfind("\n", 0, position) + 1) + 1
+                in_list = text.lstrip("\ufeff \t\r\n").startswith("[")
+                return line, column, entry if in_list else None
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 1:
+            entry += 1  # the next entry of the top-level list
+    return 1, 1, None
 
 
 # -- which data: COURSE_DATASET -------------------------------------------------------

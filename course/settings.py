@@ -55,6 +55,8 @@ SPEC: dict[str, tuple[Any, Any]] = {
     # exercise 7.3: "book", "alpaca", or a path or URL of a JSON file in the same format
     "COURSE_DATASET": ("book", "nonempty"),
     "COURSE_DATA_LIMIT": (0, {"min": 0, "max": 10_000_000}),  # 0: every entry
+    # the largest dataset file a download may bring (Alpaca's is 22 MB)
+    "COURSE_DATASET_MAX_MB": (1000, {"min": 1, "max": 1_000_000}),
     # exercise 7.4: "full" fine-tuning (the book's) or "lora"
     "COURSE_FINETUNE": ("full", ("full", "lora")),
     "COURSE_LORA_RANK": (16, {"min": 1, "max": 4096}),
@@ -103,6 +105,12 @@ def _convert(name: str, raw: str, default: Any) -> Any:
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise SettingError(f"{name}={raw!r} is not a yes/no value: use 1 or 0. Fix or unset it.")
+    if "_" in text and isinstance(default, (int, float)):
+        # Python reads "1_0e-5" as 1e-4 (underscores group digits): surely a typo
+        raise SettingError(
+            f"{name}={raw!r}: write the number without underscores (for example 5e-5 or "
+            f"10000); Python would read it as {text.replace('_', '')}. Fix or unset it."
+        )
     try:
         if isinstance(default, int):
             return int(text)
@@ -200,12 +208,17 @@ def is_set(name: str) -> bool:
     return bool(os.environ.get(name, "").strip())
 
 
+TAG_NAME_CHARS = 40  # of a dataset file's name in `dataset_tag`
+
+
 def dataset_tag(dataset: str | None = None, limit: int | None = None) -> str:
     """A short name for the data a run uses, for artifact names: "book" for the book's.
 
     "alpaca" stays "alpaca"; a path or URL becomes its file name without extension
     plus 8 characters of a hash of the full path or URL (two files named alike do not
-    collide); a COURSE_DATA_LIMIT adds "-n<limit>".
+    collide); a COURSE_DATA_LIMIT adds "-n<limit>". Names longer than TAG_NAME_CHARS
+    are cut to that length (the hash still tells them apart), so that artifact names
+    stay short enough for any file system.
     """
     import hashlib
 
@@ -215,6 +228,7 @@ def dataset_tag(dataset: str | None = None, limit: int | None = None) -> str:
         tag = dataset
     else:
         name = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(dataset.split("?")[0]).stem).strip("-")
+        name = name[:TAG_NAME_CHARS].rstrip("-")
         tag = f"{name or 'data'}-{hashlib.sha256(dataset.encode()).hexdigest()[:8]}"
     return tag if not limit else f"{tag}-n{limit}"
 
