@@ -1,8 +1,9 @@
 """The dataset files: which data, download with a checksum, validation that names the entry, the split.
 
 `helpers.download_and_load_file` is the book's listing 7.1. `load_instruction_data`
-does the same job for the course: the download resumes and is checked against its
-SHA-256, and a damaged or malformed file says which entry is wrong and what to do.
+does the same job for the course: the download resumes, is checked against its
+SHA-256 and bounded in size (COURSE_DATASET_MAX_MB) and time, and a damaged or
+malformed file says which entry is wrong and what to do.
 
 `load_course_data` loads the data COURSE_DATASET names (exercise 7.3): "book" (the
 book's 1,100 entries, the default), "alpaca" (Stanford Alpaca, 52,002 entries) or a
