@@ -40,6 +40,9 @@ WRITTEN_BY = {
     "dpo": "10_preference_tuning_with_dpo",
     "dpo-checkpoint": "10_preference_tuning_with_dpo",
     "dpo-log": "10_preference_tuning_with_dpo",
+    "sft-gguf": "11_exporting_to_gguf_and_ollama",
+    "dpo-gguf": "11_exporting_to_gguf_and_ollama",
+    "modelfile": "11_exporting_to_gguf_and_ollama",
 }
 
 
@@ -112,7 +115,9 @@ def path_for(kind: str, stem: str) -> Path:
     """The path of artifact `kind` (a key of WRITTEN_BY, or "loss-plot") for run `stem`.
 
     The DPO model of notebook 10 is `path_for("dpo", stem)`; notebooks 07-09 with
-    COURSE_STAGE=dpo name its responses with the stem f"{stem}-dpo".
+    COURSE_STAGE=dpo name its responses with the stem f"{stem}-dpo". Notebook 11
+    exports them as `path_for("sft-gguf", stem)` or `path_for("dpo-gguf", stem)`, with
+    an Ollama Modelfile `path_for("modelfile", stem)` (stem f"{stem}-dpo" for DPO's).
     """
     names = {
         "baseline": f"{stem}-baseline.json",
@@ -125,6 +130,9 @@ def path_for(kind: str, stem: str) -> Path:
         "loss-plot": f"{stem}-loss-plot.pdf",
         "responses": f"{stem}-instruction-data-with-response.json",
         "responses-progress": f"{stem}-responses-progress.json",
+        "sft-gguf": f"{stem}-sft.gguf",
+        "dpo-gguf": f"{stem}-dpo.gguf",
+        "modelfile": f"{stem}.Modelfile",
     }
     if kind == "split":
         return split_path()

@@ -8,6 +8,18 @@ It serves what the course uses of Ollama's API, as Ollama sends it:
   "assistant", "content"}, "done": false}, then a final chunk with "done": true,
   "done_reason" and the timing counts; with "stream": false, one JSON object.
   An unknown model gets 404 {"error": "model '...' not found"}.
+- `HEAD /api/blobs/sha256:<digest>` -> 200 if the stand-in holds that blob, else 404;
+  `POST /api/blobs/sha256:<digest>` with a file's bytes -> 201 Created when their
+  SHA-256 is the digest (200 when the blob is already there), 400 {"error": "digest
+  mismatch, expected ..., got ..."} when it is not; a digest that is not "sha256:"
+  and 64 hex digits gets 400 {"error": "invalid digest format"}.
+- `POST /api/create` {"model", "files": {name: digest}, "template", "parameters",
+  "system", "stream"} -> NDJSON status lines ("parsing GGUF", "using existing layer
+  sha256:...", ..., "writing manifest", "success"), or with "stream": false the last
+  one. A file whose blob was not pushed, a blob that is not GGUF, an invalid model
+  name, an unknown parameter or neither "from" nor "files" get an error as Ollama
+  gives it. The new model joins /api/tags; asked on /api/chat it answers a fixed
+  sentence (`CREATED_MODEL_REPLY`): the stand-in runs no model.
 
 Instead of a language model it scores deterministically: when the prompt is the
 book's judge prompt ("Given the input `...` and correct output `...`, score the
@@ -85,6 +97,21 @@ FAULTS = {
 HUGE_REPLY_DIGITS = 5000
 NO_NUMBER_REPLY = "I cannot rate this response without more context."
 OTHER_PROMPT_REPLY = "I am a stand-in for a language model and only score responses."
+CREATED_MODEL_REPLY = "I am the Ollama stand-in: I store models but run none of them."
+_DIGEST = re.compile(r"sha256[:-][0-9a-f]{64}")
+# the Modelfile's PARAMETER names that Ollama accepts (its Modelfile reference)
+PARAMETERS = {
+    "num_ctx": int,
+    "repeat_last_n": int,
+    "repeat_penalty": float,
+    "temperature": float,
+    "seed": int,
+    "stop": list,
+    "num_predict": int,
+    "top_k": int,
+    "top_p": float,
+    "min_p": float,
+}
 
 _JUDGE_PROMPT = re.compile(
     r"Given the input `(?P<input>.*)` and correct output `(?P<output>.*)`, "
@@ -182,6 +209,119 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         self.close_connection = True
 
+    # -- blobs ------------------------------------------------------------
+    def _send_empty(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_HEAD(self):
+        owner = self.server.owner
+        owner.log("HEAD", self.path, None)
+        digest = self.path.removeprefix("/api/blobs/")
+        if not self.path.startswith("/api/blobs/"):
+            self._send_empty(404)
+        elif not _DIGEST.fullmatch(digest):
+            self._send_empty(400)
+        else:
+            self._send_empty(200 if owner.has_blob(digest) else 404)
+
+    def _push_blob(self, digest: str) -> None:
+        """POST /api/blobs/<digest>: read the bytes, check their SHA-256, keep the blob."""
+        owner = self.server.owner
+        length = int(self.headers.get("Content-Length") or 0)
+        sha, head, left = hashlib.sha256(), b"", length
+        while left > 0:
+            piece = self.rfile.read(min(left, 1 << 20))
+            if not piece:
+                break
+            sha.update(piece)
+            head = head or piece[:4]
+            left -= len(piece)
+        owner.log("POST", self.path, {"bytes": length})
+        if not _DIGEST.fullmatch(digest):
+            self._send_json(400, {"error": "invalid digest format"})
+            return
+        got = "sha256:" + sha.hexdigest()
+        if owner.has_blob(digest):
+            self._send_empty(200)
+        elif got != digest.replace("-", ":", 1):
+            self._send_json(400, {"error": f'digest mismatch, expected "{digest}", got "{got}"'})
+        else:
+            owner.add_blob(got, head, length)
+            self._send_empty(201)
+
+    def _create(self, body) -> None:
+        """POST /api/create: a model from pushed GGUF blobs, a template and parameters."""
+        owner = self.server.owner
+        if not isinstance(body, dict):
+            self._send_json(400, {"error": "missing request body"})
+            return
+        name = body.get("model") or body.get("name") or ""
+        files = body.get("files")
+        parameters = body.get("parameters") or {}
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?", name):
+            self._send_json(400, {"error": "invalid model name"})
+            return
+        if not files and not body.get("from"):
+            self._send_json(400, {"error": "neither 'from' or 'files' was specified"})
+            return
+        if not isinstance(files, dict) or not isinstance(parameters, dict):
+            self._send_json(400, {"error": "json: cannot unmarshal the request body"})
+            return
+        for file_name, digest in files.items():
+            if file_name.startswith("/") or ".." in file_name.split("/"):
+                self._send_json(400, {"error": "file path must be relative"})
+                return
+            if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+                self._send_json(400, {"error": "invalid digest format"})
+                return
+        for key, value in parameters.items():
+            kind = PARAMETERS.get(key)
+            if kind is None:
+                self._send_json(400, {"error": f"unknown parameter '{key}'"})
+                return
+            if kind is list:
+                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or (kind is int and float(value) != int(value)):
+                self._send_json(400, {"error": f"invalid value for parameter '{key}'"})
+                return
+        statuses = ["parsing GGUF"]
+        for digest in files.values():
+            blob = owner.blob(digest)
+            if blob is None:
+                self._send_json(
+                    500,
+                    {"error": f"open blobs/{digest.replace(':', '-')}: no such file or directory"},
+                )
+                return
+            if blob["head"] != b"GGUF":
+                self._send_json(400, {"error": "supplied file was not in GGUF format"})
+                return
+            statuses.append(f"using existing layer {digest}")
+        config = json.dumps(
+            {"template": body.get("template"), "parameters": parameters}, sort_keys=True
+        )
+        for part in ("template", "system", "parameters"):
+            if body.get(part):
+                layer = hashlib.sha256(json.dumps(body[part], sort_keys=True).encode()).hexdigest()
+                statuses.append(f"creating new layer sha256:{layer}")
+        statuses += ["writing manifest", "success"]
+        size = sum(owner.blob(d)["size"] for d in files.values())
+        owner.add_model(name, size, hashlib.sha256(config.encode()).hexdigest(), body)
+        if body.get("stream") is False:
+            self._send_json(200, {"status": statuses[-1]})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for status in statuses:
+            self._send_chunk({"status": status})
+        self._end_chunks()
+
     # -- GET --------------------------------------------------------------
     def do_GET(self):
         owner = self.server.owner
@@ -207,6 +347,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- POST /api/chat ---------------------------------------------------
     def do_POST(self):
         owner = self.server.owner
+        if self.path.startswith("/api/blobs/"):
+            self._push_blob(self.path.removeprefix("/api/blobs/"))
+            return
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
         try:
@@ -214,6 +357,9 @@ class _Handler(BaseHTTPRequestHandler):
         except (UnicodeDecodeError, json.JSONDecodeError):
             body = None
         owner.log("POST", self.path, body)
+        if self.path == "/api/create":
+            self._create(body)
+            return
         if self.path != "/api/chat":
             self._send_json(404, {"error": "404 page not found"})
             return
@@ -257,6 +403,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault == "huge-reply":
             digits = size or HUGE_REPLY_DIGITS
             reply = ("1234567890" * (digits // 10 + 1))[:digits]
+        elif model in owner.created:
+            reply = CREATED_MODEL_REPLY
         else:
             reply = judge_reply(prompt, seed, owner.noise)
         final = {
@@ -331,6 +479,8 @@ class OllamaStandIn:
         self.version = version
         self.noise = noise
         self.requests: list[dict] = []
+        self.blobs: dict[str, dict] = {}  # digest -> {"head": first 4 bytes, "size"}
+        self.created: dict[str, dict] = {}  # model name -> the /api/create request
         self._fault: str | None = None
         self._fault_times: int | None = None
         self._delay = 0.0
@@ -403,6 +553,40 @@ class OllamaStandIn:
     def count_sent(self, n: int) -> None:
         with self._lock:
             self.sent_bytes += n
+
+    def add_blob(self, digest: str, head: bytes, size: int) -> None:
+        with self._lock:
+            self.blobs[digest] = {"head": head, "size": size}
+
+    def blob(self, digest: str) -> dict | None:
+        with self._lock:
+            return self.blobs.get(digest.replace("-", ":", 1))
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob(digest) is not None
+
+    def add_model(self, name: str, size: int, digest: str, request: dict) -> None:
+        """A model made by /api/create: listed by /api/tags, answered on /api/chat."""
+        tag = name if ":" in name else name + ":latest"
+        entry = {
+            "name": tag,
+            "model": tag,
+            "modified_at": _now(),
+            "size": size,
+            "digest": digest,
+            "details": {
+                "parent_model": "",
+                "format": "gguf",
+                "family": "gpt2",
+                "families": ["gpt2"],
+                "parameter_size": "",
+                "quantization_level": "",
+            },
+        }
+        with self._lock:
+            self.models = [m for m in self.models if m["name"] != tag] + [entry]
+            self.created[tag] = request
+            self.created[name] = request
 
     def find_model(self, name: str) -> dict | None:
         wanted = {name} if ":" in name else {name, name + ":latest"}
