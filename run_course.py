@@ -5,8 +5,8 @@
     python run_course.py --model gpt2-small --epochs 1
     python run_course.py --from 05            # continue from notebook 05
     python run_course.py --only 09            # just one (or a few: --only 07,08)
-    python run_course.py --bonus              # 01-09, then the bonus notebook 10 (DPO)
-    python run_course.py --only 10            # only the bonus notebook
+    python run_course.py --bonus              # 01-09, then the bonus notebooks 10 (DPO) and 11
+    python run_course.py --only 11            # only one bonus notebook (11: export to GGUF, Ollama)
 
 Each option sets the COURSE_* environment variable that the notebooks' parameters
 cell reads, so the notebooks run unchanged. Every setting (and OLLAMA_HOST) is checked
@@ -43,7 +43,7 @@ from course import artifacts, settings
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
-BONUS = ("10",)  # notebooks that run only when asked: --bonus, or --only 10
+BONUS = ("10", "11")  # notebooks that run only when asked: --bonus, or --only 10 / 11
 WEIGHT_NOTEBOOKS = ("04_", "05_")  # the notebooks that load pretrained GPT-2 weights
 SCORING_NOTEBOOK = "09_"
 
@@ -75,7 +75,7 @@ OPTIONS = [
 
 
 def find_notebooks(root: str | Path = ROOT) -> list[Path]:
-    """The course notebooks (01_... to 09_..., and the bonus 10_...), in order."""
+    """The course notebooks (01_... to 09_..., and the bonus 10_... and 11_...), in order."""
     return sorted(Path(root).glob(NOTEBOOK_GLOB))
 
 
@@ -88,7 +88,7 @@ def select_notebooks(
 ) -> list[Path]:
     """The notebooks `--only` (numbers or names) or `--from` asks for.
 
-    The bonus notebook (10) runs only with `bonus` or when `--only` names it.
+    The bonus notebooks (10, 11) run only with `bonus` or when `--only` names them.
     """
     available = ", ".join(_number(p) for p in notebooks) or "none"
     selected = [p for p in notebooks if bonus or _number(p) not in BONUS]
@@ -454,6 +454,9 @@ def read_summary() -> dict[str, Any]:
             )
     if artifacts.path_for("dpo", stem).exists():
         summary["dpo_model"] = artifacts.path_for("dpo", stem).name
+    exported = [artifacts.path_for(kind, stem) for kind in ("sft-gguf", "dpo-gguf")]
+    if any(path.exists() for path in exported):
+        summary["gguf"] = [path.name for path in exported if path.exists()]
     return summary
 
 
@@ -496,6 +499,8 @@ def format_summary(summary: dict[str, Any], judge_note: str | None = None) -> st
         lines.append("  judge score        none yet (notebook 09 has not run)")
     if "dpo_model" in summary:
         lines.append(f"  DPO model (bonus)  {summary['dpo_model']}")
+    if "gguf" in summary:
+        lines.append(f"  GGUF (bonus)       {', '.join(summary['gguf'])}")
     for problem in summary.get("problems", []):
         lines.append(f"  problem            {problem}")
     if summary["model"] == settings.OFFLINE_MODEL:
@@ -529,10 +534,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(without it: COURSE_ARTIFACTS, relative to the course folder as in the notebooks, "
         "or artifacts/ there)",
     )
-    parser.add_argument("--only", help="run only these notebooks, e.g. 07,08 (or 10, the bonus)")
+    parser.add_argument(
+        "--only", help="run only these notebooks, e.g. 07,08 (or 10 or 11, the bonus ones)"
+    )
     parser.add_argument("--from", dest="start", help="start at this notebook, e.g. 05")
     parser.add_argument(
-        "--bonus", action="store_true", help="after 09, run the bonus notebook 10 (DPO)"
+        "--bonus",
+        action="store_true",
+        help="after 09, run the bonus notebooks 10 (DPO) and 11 (export to GGUF and Ollama)",
     )
     parser.add_argument(
         "--cell-timeout", type=int, default=None, help="seconds per cell (no limit)"

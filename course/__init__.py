@@ -17,6 +17,7 @@ one concern:
 - `judge`      the Ollama judge client: bounded, retried, resumable scoring
 - `scores`     the judge's scores: repeated runs and paired comparisons
 - `dpo`        notebook 10 (bonus): DPO's data, loss and resumable training
+- `export`     notebook 11 (bonus): GGUF export, the Ollama Modelfile, llama.cpp, Ollama
 - `colab`      the Google Colab set-up
 
 Imports run one way: this package imports `helpers`, never the reverse.

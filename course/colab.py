@@ -33,6 +33,7 @@ REQUIRED = {
     "matplotlib": "matplotlib",
     "tqdm": "tqdm",
     "psutil": "psutil",
+    "gguf": "gguf",  # notebook 11 writes GGUF files with it
 }
 PIP = [sys.executable, "-m", "pip"]  # how packages are installed
 DRIVE_MOUNTPOINT = "/content/drive"  # where Colab mounts Google Drive
