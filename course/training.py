@@ -246,30 +246,12 @@ def train_model(
     `global_step`, `train_seconds` and `finished`.
     """
     device = torch.device(device)
-
-    def evaluate(progress, epoch, step):
-        train_loss, val_loss = evaluate_model_fast(
-            model, train_loader, val_loader, device, eval_iter
-        )
-        progress["train_losses"].append(train_loss)
-        progress["val_losses"].append(val_loss)
-        progress["track_tokens_seen"].append(progress["tokens_seen"])
-        line = f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
-        return {"train": f"{train_loss:.3f}", "val": f"{val_loss:.3f}"}, line
-
-    task = Task(
-        name="training",
-        label="Fine-tuning",
-        checkpoint_format=CHECKPOINT_FORMAT,
-        notebook="05_instruction_finetuning",
-        book_lr="5e-5",
-        lr_setting="COURSE_LR",
-        progress={"tokens_seen": 0, "train_losses": [], "val_losses": [], "track_tokens_seen": []},
-        token_counter="tokens_seen",
+    task = fine_tuning_task(
         batch_loss=lambda batch: calc_loss_batch_fast(*batch, model, device),
         batch_tokens=lambda batch: batch[0].numel(),
-        evaluate=evaluate,
-        history=training_history,
+        evaluate_losses=lambda: evaluate_model_fast(
+            model, train_loader, val_loader, device, eval_iter
+        ),
     )
     return run_resumable(
         task,
@@ -293,6 +275,41 @@ def train_model(
     )
 
 
+def fine_tuning_task(
+    batch_loss: Callable, batch_tokens: Callable, evaluate_losses: Callable
+) -> Task:
+    """The Task of notebook 05's fine-tuning, for `run_resumable`.
+
+    `batch_loss` (batch -> loss) and `batch_tokens` (batch -> tokens it holds) are one
+    step's; `evaluate_losses()` returns the training and validation losses of one
+    evaluation. `train_model` passes the fast paths of one process;
+    `course.finetune` passes versions that combine several processes.
+    """
+
+    def evaluate(progress, epoch, step):
+        train_loss, val_loss = evaluate_losses()
+        progress["train_losses"].append(train_loss)
+        progress["val_losses"].append(val_loss)
+        progress["track_tokens_seen"].append(progress["tokens_seen"])
+        line = f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+        return {"train": f"{train_loss:.3f}", "val": f"{val_loss:.3f}"}, line
+
+    return Task(
+        name="training",
+        label="Fine-tuning",
+        checkpoint_format=CHECKPOINT_FORMAT,
+        notebook="05_instruction_finetuning",
+        book_lr="5e-5",
+        lr_setting="COURSE_LR",
+        progress={"tokens_seen": 0, "train_losses": [], "val_losses": [], "track_tokens_seen": []},
+        token_counter="tokens_seen",
+        batch_loss=batch_loss,
+        batch_tokens=batch_tokens,
+        evaluate=evaluate,
+        history=training_history,
+    )
+
+
 def run_resumable(
     task: Task,
     model: nn.Module,
@@ -312,9 +329,14 @@ def run_resumable(
     force: bool = False,
     max_steps: int | None = None,
     show_progress: bool = True,
+    save_checkpoints: bool = True,
 ) -> dict:
     """The resumable loop of `train_model` and `course.dpo.train_model_dpo`: `task` says
-    what it trains, the other arguments are theirs."""
+    what it trains, the other arguments are theirs.
+
+    `save_checkpoints=False`: this process continues from `checkpoint_path` but never
+    writes it (the processes of a `torchrun` run other than rank 0, see course.finetune).
+    """
     from tqdm import tqdm  # (tqdm.auto without ipywidgets warns with a machine path)
 
     device = torch.device(device)
@@ -388,6 +410,8 @@ def run_resumable(
 
     def save(epoch_rng):
         progress["train_seconds"] = seconds_before + time.perf_counter() - start_time
+        if not save_checkpoints:
+            return
         save_training_checkpoint(
             checkpoint_path,
             model,
