@@ -276,6 +276,13 @@ def state_dict_from_gguf(path: str | Path, n_layers: int) -> dict[str, torch.Ten
     return state
 
 
+def header_bytes(path: str | Path) -> int:
+    """How many bytes of a GGUF file come before the tensor data (metadata and tensor table)."""
+    import gguf
+
+    return int(gguf.GGUFReader(str(path)).data_offset)
+
+
 def gguf_metadata(path: str | Path) -> dict:
     """A few metadata fields of a GGUF file: architecture, sizes, tokenizer, file type."""
     import gguf
@@ -492,15 +499,14 @@ def create_model(
 ) -> list[str]:
     """POST /api/create: a model from uploaded GGUF blobs, a template and parameters.
 
-    Returns Ollama's status lines ("parsing GGUF", ..., "success"); an error stops
-    with Ollama's message.
+    Returns Ollama's status lines, which it streams as it works ("parsing GGUF", ...,
+    "success"); an error stops with Ollama's message.
     """
     body = {
         "model": name,
         "files": files,
         "template": template_text,
         "parameters": parameters,
-        "stream": False,
     }
     status, raw = _request(
         "POST",

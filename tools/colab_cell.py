@@ -33,7 +33,7 @@ BRANCH = "main"
 
 PLACEHOLDER = "OWNER/REPO"
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"  # the nine, and the bonus notebook 10
+NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"  # the nine, and the bonus notebooks 10 and 11
 SCORING_NOTEBOOK_PREFIX = "09_"
 
 SETUP_TAG = "colab-setup"
@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None, root: str | Path = ROOT) -> int:
         print(f"{path.name}: {'updated' if changed else 'already current'}")
     if not args.check and update_readme(root / "README.md", [p.name for p in notebooks]):
         print("README.md: Colab links updated")
-    if len(notebooks) not in (9, 10):
-        print(f"Found {len(notebooks)} notebooks, the course has nine (and a bonus tenth).")
+    if len(notebooks) not in (9, 10, 11):
+        print(f"Found {len(notebooks)} notebooks, the course has nine (and the bonus 10 and 11).")
     return status
 
 
