@@ -15,6 +15,10 @@ test split formatted with format_input):
   step through oneDNN, `course.speed.linear`), after `keep_freed_memory()`.
 - "LoRA" rows: the fast fp32 row with the pretrained weights frozen and
   `helpers.replace_linear_with_lora(model, rank=16, alpha=16)` (exercise 7.4).
+- the "2 processes" row: the fast fp32 row's steps on two CPU processes under
+  `torchrun` (DistributedDataParallel with gloo, batch 4 each, the global batch 8),
+  as `course.finetune` runs them; its ratio to the fast fp32 row is the overhead of
+  several processes on one CPU (no speed-up is expected on a two-core machine).
 
 Each row runs in a fresh Python process of its own with the default thread count,
 so that its peak memory (peak resident set size) is its own. The speed-ups compare
@@ -35,6 +39,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +58,8 @@ EOS_ID = 50256
 LEARNING_RATE, WEIGHT_DECAY, BATCH_SIZE, SEED = 5e-5, 0.1, 8, 123
 LORA_RANK, LORA_ALPHA = 16, 16
 
-TRAIN_ROWS = ["book fp32", "fast fp32", "fast bf16", "fast fp32 LoRA r16"]
+TRAIN_ROWS = ["book fp32", "fast fp32", "fast bf16", "fast fp32 LoRA r16", "fast fp32 2 processes"]
+PROCESSES = 2  # of the "2 processes" row
 GENERATION_ROWS = ["book generate", "cached", "cached + batched", "batched, no oneDNN"]
 # the course's claims: (row, the speed-up over the book's row it must reach at least)
 CLAIMS = [("fast fp32", 1.4), ("fast bf16", 3.0), ("cached + batched", 20.0)]
@@ -156,6 +162,87 @@ def measure_training(model_name: str, variant: str, steps: int, repeat: int) -> 
     }
 
 
+def measure_processes(model_name: str, steps: int, repeat: int) -> dict | None:
+    """The fast fp32 row on the processes of a torchrun run, as course.finetune trains.
+
+    Each process takes its part of the same global batches of 8 (`ShardedBatches`) and
+    steps through `course.finetune`'s token-weighted loss under DistributedDataParallel
+    (gloo). Rank 0 returns the result (None on the others); the CPU time is all
+    processes' together.
+    """
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader
+
+    from course import finetune
+
+    processes = finetune.Processes()
+    dist.init_process_group("gloo")
+    tokenizer = helpers.get_tokenizer()
+    train_data = helpers.split_data(load_instruction_data())[0]
+    collate = partial(helpers.custom_collate_fn, allowed_max_length=1024)
+    part_size = BATCH_SIZE // processes.world_size
+    torch.manual_seed(SEED)
+    sampler = finetune.ShardedBatches(
+        len(train_data), part_size, processes.rank, processes.world_size, shuffle=True
+    )
+    loader = DataLoader(
+        helpers.InstructionDataset(train_data, tokenizer), batch_sampler=sampler, collate_fn=collate
+    )
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == steps + 1:
+            break
+
+    model = build_model(model_name)
+    model.train()
+    speed.keep_freed_memory()
+    optimizer = speed.make_optimizer(model, LEARNING_RATE, WEIGHT_DECAY)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(
+        finetune.BatchLoss(model, torch.device("cpu")), broadcast_buffers=False
+    )
+    stats = {"tokens": 0}
+    batch_loss = finetune.sharded_step_loss(ddp_model, processes, "cpu", stats)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    loaded_mb = rss_mb()
+
+    def train_step(part) -> float:
+        optimizer.zero_grad()
+        loss = batch_loss(part)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    first_loss = train_step(batches[0])  # warm-up (allocates the optimizer state)
+    seconds = cpu = float("inf")
+    for _ in range(repeat):  # the fastest pass: other programs only ever slow one down
+        dist.barrier()
+        start, start_cpu = time.perf_counter(), cpu_seconds()
+        tokens = 0
+        for part in batches[1:]:
+            train_step(part)
+            tokens += stats["tokens"]  # the global batch's, as one process counts them
+        dist.barrier()
+        seconds = min(seconds, time.perf_counter() - start)
+        used = torch.tensor([cpu_seconds() - start_cpu], dtype=torch.float64)
+        dist.all_reduce(used)
+        cpu = min(cpu, float(used))
+    peak = torch.tensor([peak_rss_mb()], dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    dist.destroy_process_group()
+    if not processes.main:
+        return None
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "first_loss": first_loss,
+        "trainable": trainable,
+        "loaded_mb": loaded_mb,
+        "peak_mb": float(peak),
+    }
+
+
 def measure_generation(
     model_name: str,
     variant: str,
@@ -240,6 +327,9 @@ def cpu_has_bf16() -> bool:
 
 def run_child(job: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(job)]
+    if job.get("variant", "").endswith("processes"):  # torchrun, as python -m (not on PATH)
+        launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={PROCESSES}"]
+        cmd = [sys.executable, *launcher, *cmd[1:]]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"{job} failed:\n{result.stderr[-3000:]}")
@@ -255,14 +345,20 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="for generate_batch")
     parser.add_argument("--repeat", type=int, default=1, help="time N passes, keep the fastest")
     parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto")
-    parser.add_argument("--skip", default="", help="comma-separated: train, generate, lora")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: train, generate, lora, processes"
+    )
     parser.add_argument("--output", default=None, help="also write the report here (Markdown)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:  # one measurement, printed as JSON
         job = json.loads(args.child)
-        if job["task"] == "train":
+        if job["task"] == "train" and job["variant"].endswith("processes"):
+            result = measure_processes(job["model"], job["steps"], job["repeat"])
+            if result is None:  # not rank 0
+                return 0
+        elif job["task"] == "train":
             result = measure_training(job["model"], job["variant"], job["steps"], job["repeat"])
         else:
             result = measure_generation(
@@ -302,7 +398,9 @@ def main() -> int:
             variants = [
                 v
                 for v in TRAIN_ROWS
-                if (bf16 or "bf16" not in v) and ("lora" not in skip or "LoRA" not in v)
+                if (bf16 or "bf16" not in v)
+                and ("lora" not in skip or "LoRA" not in v)
+                and ("processes" not in skip or not v.endswith("processes"))
             ]
             base = None
             for variant in variants:
@@ -326,7 +424,7 @@ def main() -> int:
                 print(format_row(rows[-1]), flush=True)
 
     checks, ok = claim_checks(rows)
-    lora = lora_lines(rows)
+    lora = lora_lines(rows) + process_lines(rows)
     options = [a for a in sys.argv[1:] if not a.startswith("--output")]
     if args.output and args.output in options:  # "--output PATH": leave the path out
         options.remove(args.output)
@@ -401,6 +499,28 @@ def lora_lines(rows: list[dict]) -> str:
         return ""
     return "LoRA (rank 16, alpha 16) against full fine-tuning, both fast fp32:\n\n" + (
         "\n".join(lines) + "\n\n"
+    )
+
+
+def process_lines(rows: list[dict]) -> str:
+    """Two processes against one, both fast fp32 with the global batch 8, in this run."""
+    lines = []
+    for several in (r for r in rows if r["variant"].endswith("processes")):
+        one = next(
+            r for r in rows if r["model"] == several["model"] and r["variant"] == "fast fp32"
+        )
+        lines.append(
+            f"- {several['model']}: {PROCESSES} processes (batch {BATCH_SIZE // PROCESSES} "
+            f"each) take {one['tokens_per_s'] / several['tokens_per_s']:.2f}x the time of one "
+            f"process with batch {BATCH_SIZE} for the same steps "
+            f"({several['tokens_per_s']:.1f} against {one['tokens_per_s']:.1f} tokens/s; in "
+            f"CPU time {one['tokens_per_cpu_s'] / several['tokens_per_cpu_s']:.2f}x)"
+        )
+    if not lines:
+        return ""
+    return (
+        "Several processes on the CPU (torchrun, DistributedDataParallel with gloo) against "
+        "one, both fast fp32:\n\n" + "\n".join(lines) + "\n\n"
     )
 
 
