@@ -12,6 +12,7 @@ one concern:
 - `hardware`   device choice and memory estimates
 - `speed`      the fast paths: key/value cache, batched generation, packed loss, precision
 - `training`   resumable fine-tuning with checkpoints
+- `finetune`   notebook 05's training from the command line, on several processes with torchrun
 - `lora`       LoRA (exercise 7.4): freezing, parameter counts, merging the adapters
 - `responses`  notebook 07's responses: batched, resumable generation for the test set
 - `judge`      the Ollama judge client: bounded, retried, resumable scoring
