@@ -12,10 +12,12 @@ it stopped. A score is an integer from 0 to 100; any other reply is no score.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -85,6 +87,116 @@ def ollama_urlopen(request: str | urllib.request.Request, timeout: float):
     return urllib.request.urlopen(request, timeout=timeout)
 
 
+class _Deadlines:
+    """Closes the connections of requests whose time is up, wherever they are waiting.
+
+    A socket timeout bounds each wait for data, not the whole answer: a server that
+    sends its headers or body one byte at a time, each within the timeout, could keep
+    a request alive for ever. Each connection made through `_bounded_opener` gets a
+    timer that shuts its socket down at its deadline, whether the request is
+    connecting, reading headers or reading the body; `expired` then says why it ended.
+    """
+
+    def __init__(self, deadline: float | None = None, max_seconds: float = 600):
+        self.deadline, self.max_seconds = deadline, max_seconds
+        self.expired = False
+        self._timers: list[threading.Timer] = []
+        self._lock = threading.Lock()
+
+    def deadline_of_new_connection(self) -> float:
+        return self.deadline if self.deadline is not None else time.monotonic() + self.max_seconds
+
+    def watch(self, sock: socket.socket, deadline: float) -> None:
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire, (sock,))
+        timer.daemon = True
+        with self._lock:
+            self._timers.append(timer)
+        timer.start()
+
+    def _expire(self, sock: socket.socket) -> None:
+        self.expired = True
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        with self._lock:
+            timers, self._timers = self._timers, []
+        for timer in timers:
+            timer.cancel()
+
+
+def _bounded_opener(deadlines: _Deadlines, piece_timeout: float, direct: bool):
+    """A urllib opener whose connections obey `deadlines` and wait at most `piece_timeout`."""
+
+    def bounded(connection_class):
+        class Bounded(connection_class):
+            def connect(self):
+                deadline = deadlines.deadline_of_new_connection()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    deadlines.expired = True
+                    raise TimeoutError("timed out: no time left to connect")
+                given = self.timeout if isinstance(self.timeout, (int, float)) else piece_timeout
+                self.timeout = max(0.05, min(given, piece_timeout, remaining))
+                super().connect()
+                deadlines.watch(self.sock, deadline)
+
+        return Bounded
+
+    http_connection = bounded(http.client.HTTPConnection)
+    https_connection = bounded(http.client.HTTPSConnection)
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(http_connection, req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(https_connection, req, context=self._context)
+
+    handlers = [HTTPHandler(), HTTPSHandler()]
+    if direct:
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
+
+
+def _is_local(url: str) -> bool:
+    return urllib.parse.urlsplit(url).hostname in ("localhost", "127.0.0.1", "::1")
+
+
+@contextlib.contextmanager
+def open_until(request: str | urllib.request.Request, timeout: float, deadline: float):
+    """Open `request` (as `ollama_urlopen`), all of it over by `deadline`.
+
+    `deadline` is a time.monotonic() value that covers connecting, the headers and the
+    body read inside the `with` block; each wait for data lasts at most `timeout`
+    seconds. Passing the deadline anywhere raises TimeoutError.
+    """
+    url = request if isinstance(request, str) else request.full_url
+    deadlines = _Deadlines(deadline)
+    opener = _bounded_opener(deadlines, timeout, direct=_is_local(url))
+    try:
+        try:
+            response = opener.open(request, timeout=timeout)
+        except (OSError, http.client.HTTPException, ValueError):
+            if deadlines.expired:
+                raise TimeoutError(
+                    "timed out: the answer took longer than the time allowed"
+                ) from None
+            raise
+        with response:
+            try:
+                yield response
+            except (OSError, http.client.HTTPException, ValueError):
+                if deadlines.expired:
+                    raise TimeoutError(
+                        "timed out: the answer took longer than the time allowed"
+                    ) from None
+                raise
+    finally:
+        deadlines.cancel()
+
+
 def _socket_of(response) -> socket.socket | None:
     """The socket under an http.client response (to shorten its timeout), if reachable."""
     raw = getattr(getattr(response, "fp", None), "raw", None)
@@ -119,11 +231,12 @@ def read_bounded(response, limit: int, deadline: float, timeout: float):
 def ollama_get(host: str, path: str, timeout: float = 10) -> Any:
     """GET `host + path` from an Ollama server and decode the JSON answer.
 
-    Reads at most MAX_STATUS_BYTES and waits at most `timeout` seconds in all: an
-    answer that is larger, or slower, raises ValueError or TimeoutError.
+    Reads at most MAX_STATUS_BYTES and waits at most `timeout` seconds in all
+    (connecting, headers and body): an answer that is larger, or slower, raises
+    ValueError or TimeoutError.
     """
     deadline = time.monotonic() + timeout
-    with ollama_urlopen(host + path, timeout) as response:
+    with open_until(host + path, timeout, deadline) as response:
         body = b"".join(read_bounded(response, MAX_STATUS_BYTES, deadline, timeout))
     return json.loads(body.decode("utf-8"))
 
@@ -217,7 +330,7 @@ def read_chat_stream(request: urllib.request.Request, timeout: float, deadline: 
     end, is no judge. Too long an answer raises JudgeError, too slow a TimeoutError.
     """
     reply, buffer = "", b""
-    with ollama_urlopen(request, timeout) as response:
+    with open_until(request, timeout, deadline) as response:
         try:
             for piece in read_bounded(response, MAX_REPLY_BYTES, deadline, timeout):
                 buffer += piece
@@ -332,6 +445,83 @@ def query_model(
         f"No answer from the Ollama server at {url} after {attempts} "
         f"attempt{'s' if attempts != 1 else ''} (last: {problem}). {hint}"
     )
+
+
+@contextlib.contextmanager
+def bounded(timeout: float = 120, max_seconds: float = 600, url: str | None = None):
+    """Run the book's `helpers.query_model` (or any urllib call) within the judge's limits.
+
+        with course_judge.bounded():
+            print(helpers.query_model("What do Llamas eat?", JUDGE_MODEL, url=judge_url))
+
+    Inside the block every HTTP request waits at most `timeout` seconds (2 minutes) for
+    each piece of data and `max_seconds` (10 minutes) in all, connecting and headers
+    included, so a judge that trickles its answer cannot hold the cell for ever. What
+    goes wrong ends as a JudgeError that says what happened and what to do, not as a
+    raw HTTPError, ConnectionResetError or JSONDecodeError. The book's code runs as it
+    is written: the limits come from the opener urllib uses during the block.
+    """
+    where = url or f"{ollama_host()}/api/chat"
+    deadlines = _Deadlines(max_seconds=max_seconds)
+    previous = urllib.request._opener  # what urlopen used before the block
+    urllib.request.install_opener(_bounded_opener(deadlines, timeout, direct=_is_local(where)))
+    try:
+        yield
+    except JudgeError:
+        raise
+    except Exception as exc:
+        raise _judge_error(exc, where, deadlines.expired, timeout, max_seconds) from None
+    finally:
+        urllib.request.install_opener(previous)
+        deadlines.cancel()
+
+
+def _judge_error(
+    exc: Exception, url: str, expired: bool, timeout: float, max_seconds: float
+) -> JudgeError:
+    """A JudgeError for a failure of the book's query_model: what happened, what to do."""
+    check = (
+        "Check the server with course.judge.ollama_status(JUDGE_MODEL), then run the cell again."
+    )
+    if expired or isinstance(exc, TimeoutError) or "timed out" in str(exc):
+        return JudgeError(
+            f"The judge at {url} did not answer in time: the course waits at most "
+            f"{timeout:g} s for each piece of an answer and {max_seconds:g} s in all. A "
+            "large judge on a CPU-only machine is slow: choose a smaller one (e.g. "
+            "COURSE_JUDGE_MODEL=phi3), or allow more with "
+            "course_judge.bounded(timeout=900, max_seconds=1800). Is the server stuck? "
+            "Restart `ollama serve`."
+        )
+    if isinstance(exc, urllib.error.HTTPError):
+        try:
+            message = json.loads(exc.read(MAX_STATUS_BYTES).decode("utf-8"))["error"]
+        except (ValueError, KeyError, TypeError, OSError):
+            message = exc.reason
+        if exc.code == 404 and "model" in str(message):
+            return JudgeError(
+                f"The Ollama server at {url} says: {message}. Pull the judge model with "
+                "`ollama pull <model>` in a terminal, then run the cell again."
+            )
+        what = "failed" if exc.code >= 500 else "refused the request"
+        return JudgeError(
+            f"The Ollama server at {url} {what}: HTTP {exc.code}: {message}. Look at the "
+            f"server's log (the terminal running `ollama serve`). {check}"
+        )
+    if isinstance(exc, (ValueError, KeyError, TypeError, UnicodeDecodeError)):
+        return JudgeError(
+            f"Something answers at {url}, but not like Ollama's chat API ({type(exc).__name__}: "
+            f"{str(exc)[:200]}). Check OLLAMA_HOST: it must point at Ollama's port (11434 "
+            f"unless you changed it). {check}"
+        )
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        reason = getattr(exc, "reason", exc)
+        return JudgeError(
+            f"The connection to the judge at {url} failed ({type(exc).__name__}: {reason}). "
+            f"Is the server running? Start it with `ollama serve`. {check}"
+        )
+    if isinstance(exc, RuntimeError):  # the book's function reports Ollama's own errors so
+        return JudgeError(f"{exc}. {check}")
+    return JudgeError(f"The judge at {url} could not answer ({type(exc).__name__}: {exc}). {check}")
 
 
 def keep_backup(path: str | Path) -> Path:
