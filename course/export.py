@@ -451,6 +451,25 @@ def chat_stream(llm, prompt: str, max_tokens: int, stop: list[str]) -> Iterator[
 # -- Ollama ---------------------------------------------------------------------------------
 
 
+def ollama_version(host: str | None = None, timeout: float = 5) -> str | None:
+    """The version of the Ollama server at `host` (OLLAMA_HOST), or None if none answers.
+
+    None also when something else answers there (not Ollama's /api/version). An
+    OLLAMA_HOST that is no address at all raises course.judge's JudgeError, which says
+    what to write instead.
+    """
+    import http.client
+
+    from course import judge
+
+    base_url = judge.ollama_host(host)
+    try:
+        version = judge.ollama_get(base_url, "/api/version", timeout)["version"]
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
+        return None  # URLError and timeouts are OSErrors; a foreign answer fails to parse
+    return version if isinstance(version, str) else None
+
+
 def _request(method: str, url: str, data=None, headers=None, timeout=OLLAMA_TIMEOUT_S):
     from course import judge
 

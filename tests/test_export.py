@@ -19,10 +19,13 @@ within about ±0.8):
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import re
 import sys
+import threading
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -397,9 +400,33 @@ def test_registering_the_model_puts_it_beside_the_judge(ollama_standin, gguf_fil
     assert len(pushes) == 1
 
 
-def test_no_ollama_means_a_clear_message(unused_port_url):
-    with pytest.raises(judge.JudgeError, match="ollama serve"):
-        judge.ollama_status("anything", host=unused_port_url, timeout=2)
+def test_the_ollama_check_tells_ollama_from_nothing_and_from_other_servers(
+    ollama_standin, unused_port_url
+):
+    assert export.ollama_version() == "0.0.0"  # OLLAMA_HOST: the stand-in
+    assert export.ollama_version(unused_port_url, timeout=2) is None  # nothing listens
+
+    class NotOllama(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html>a web server, not Ollama</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotOllama)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert export.ollama_version(f"http://127.0.0.1:{server.server_address[1]}") is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(judge.JudgeError, match="OLLAMA_HOST"):
+        export.ollama_version("localhost:not-a-port")
 
 
 @pytest.fixture
@@ -421,3 +448,28 @@ def test_the_blob_upload_streams_the_file(ollama_standin, tmp_path):
     request = urllib.request.Request(f"{ollama_standin.url}/api/blobs/{digest}", method="HEAD")
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
+
+
+# -- the course run -------------------------------------------------------------------------
+
+
+def test_run_course_runs_notebook_11_with_bonus_or_alone():
+    import run_course
+
+    notebooks = [Path(f"{i:02d}_step.ipynb") for i in range(1, 12)]
+
+    def numbers(**kwargs):
+        return [p.name[:2] for p in run_course.select_notebooks(notebooks, **kwargs)]
+
+    assert numbers() == [f"{i:02d}" for i in range(1, 10)]
+    assert numbers(bonus=True)[-2:] == ["10", "11"]
+    assert numbers(only="11") == ["11"]
+    assert numbers(start="11") == ["11"]
+
+
+def test_the_notebook_and_the_artifact_names_agree():
+    found = sorted(Path(artifacts.settings.ROOT).glob("11_*.ipynb"))
+    assert [p.stem for p in found] == [artifacts.WRITTEN_BY["sft-gguf"]]
+    assert artifacts.path_for("sft-gguf", "run").name == "run-sft.gguf"
+    assert artifacts.path_for("dpo-gguf", "run").name == "run-dpo.gguf"
+    assert artifacts.path_for("modelfile", "run").name == "run.Modelfile"
