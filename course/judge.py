@@ -29,7 +29,7 @@ import numpy as np
 
 import helpers
 from course.artifacts import WRITTEN_BY, ArtifactError, read_json, write_json
-from course.scores import score_summary
+from course.scores import prompts_sha256, responses_key, score_summary
 
 OLLAMA_DEFAULT_HOST = "http://localhost:11434"
 JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # the book's
@@ -625,6 +625,20 @@ def generate_model_scores(
                 record = None
         if record is None:
             record = {"judge": judge, "json_key": json_key, "runs": []}
+        key = prompts_sha256([helpers.judge_prompt(entry, json_key) for entry in json_data])
+        stale = [
+            r for r in record["runs"] if r["run"] != run and responses_key(r) not in (None, key)
+        ]
+        if stale:
+            backup = keep_backup(scores_path)
+            numbers = ", ".join(str(r["run"]) for r in stale)
+            print(
+                f"Run{'s' if len(stale) > 1 else ''} {numbers} in {scores_path.name} scored other "
+                "responses than these (notebook 07 made them anew since), so they are not "
+                f"averaged with these: set aside (the old file is kept as {backup}). Score "
+                "these responses as many times as you want averaged with COURSE_JUDGE_RUNS."
+            )
+            record["runs"] = [r for r in record["runs"] if r not in stale]
         runs = [r for r in record["runs"] if r["run"] == run]
         asked_as = {"ollama_version": status["ollama_version"], "options": run_options}
         if runs and any(runs[0].get(key) != value for key, value in asked_as.items()):
@@ -641,6 +655,7 @@ def generate_model_scores(
             record["runs"].append(runs[0])
             record["runs"].sort(key=lambda r: r["run"])
         this_run = runs[0]
+        this_run["responses_sha256"] = key
         saved = {e["index"]: e for e in this_run["entries"]}
 
     def save_progress() -> None:  # what is scored so far, and what was saved beyond it
@@ -683,14 +698,25 @@ def generate_model_scores(
     if record is not None:
         this_run["entries"] = entries
         this_run["summary"] = score_summary([e["score"] for e in entries])
-        averages = [r["summary"]["average"] for r in record["runs"] if "summary" in r]
+        finished = [r for r in record["runs"] if "summary" in r]
+        averages = [r["summary"]["average"] for r in finished]
+        readable = [a for a in averages if a is not None]
         record["summary"] = {
             "runs": len(averages),
             "run_averages": averages,
-            "average": float(np.mean(averages)),
-            "std": float(np.std(averages, ddof=1)) if len(averages) > 1 else None,
+            "responses_sha256": this_run["responses_sha256"],
+            # None (JSON null), not NaN, when no reply of any run had a readable score
+            "average": float(np.mean(readable)) if readable else None,
+            "std": float(np.std(readable, ddof=1)) if len(readable) > 1 else None,
         }
         write_json(scores_path, record)
+        if this_run["summary"]["average"] is None:
+            print(
+                f"No reply of the judge had a readable score in run {run} ({len(entries)} "
+                f"entries): there is no average. Read the replies in {scores_path.name}; a "
+                "judge that does not answer with a number needs another model "
+                "(COURSE_JUDGE_MODEL) or a look at the server."
+            )
         if reused:
             print(f"{reused} of {len(json_data)} entries were already scored in {scores_path.name}")
     return scores

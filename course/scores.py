@@ -36,9 +36,39 @@ def score_summary(scores: list[int | None]) -> dict:
         "entries": len(scores),
         "scored": len(readable),
         "unreadable": len(scores) - len(readable),
-        "average": sum(readable) / len(readable) if readable else float("nan"),
+        # None, not NaN, when no reply was readable: strict JSON has no NaN
+        "average": sum(readable) / len(readable) if readable else None,
         "histogram": histogram,
     }
+
+
+def prompts_sha256(prompts: list[str]) -> str:
+    """The key of the responses a scoring run scored: a SHA-256 of its judge prompts.
+
+    Each prompt holds the test entry and the response, so responses made anew by
+    notebook 07 give another key.
+    """
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def responses_key(run: dict) -> str | None:
+    """The responses key of a finished scoring run (computed for runs stored without one)."""
+    if run.get("responses_sha256"):
+        return run["responses_sha256"]
+    entries = sorted(run.get("entries", []), key=lambda e: e["index"])
+    if "summary" not in run or [e["index"] for e in entries] != list(range(len(entries))):
+        return None
+    return prompts_sha256([e["prompt"] for e in entries])
+
+
+def describe_average(summary: dict) -> str:
+    """ "average 51.20", or that no reply had a readable score."""
+    if summary.get("average") is None:
+        return "no reply had a readable score, so there is no average"
+    return f"average {summary['average']:.2f}"
 
 
 def read_scores(scores: str | Path | dict) -> dict:
@@ -106,6 +136,7 @@ def summarize_runs(scores: str | Path | dict, top: int = 5) -> dict:
     record = read_scores(scores)
     table = score_table(record)
     averages = run_averages(table)
+    run_means = [a for a in averages if not np.isnan(a)]
     ranges = []
     for column in table.T:
         readable = column[~np.isnan(column)]
@@ -120,14 +151,15 @@ def summarize_runs(scores: str | Path | dict, top: int = 5) -> dict:
         for i in order[:top]
         if ranges[i] > 0
     ]
-    several = len(averages) > 1
+    several = len(run_means) > 1
     return {
         "runs": len(averages),
         "seeds": [run.get("options", {}).get("seed") for run in record["runs"]],
-        "run_averages": averages,
-        "mean": float(np.mean(averages)),
-        "std": float(np.std(averages, ddof=1)) if several else None,
-        "spread": max(averages) - min(averages) if several else None,
+        "run_averages": [None if np.isnan(a) else a for a in averages],
+        # None when no run had a readable reply
+        "mean": float(np.mean(run_means)) if run_means else None,
+        "std": float(np.std(run_means, ddof=1)) if several else None,
+        "spread": max(run_means) - min(run_means) if several else None,
         "entries": table.shape[1],
         "entries_that_vary": sum(r > 0 for r in ranges),
         "most_varying": most_varying,
@@ -136,13 +168,20 @@ def summarize_runs(scores: str | Path | dict, top: int = 5) -> dict:
 
 def format_run_summary(summary: dict, name: str = "scores") -> str:
     """A few lines for a person: the average over runs and the entries that vary most."""
+    if summary["mean"] is None:
+        return (
+            f"{name}: {summary['runs']} run{'s' if summary['runs'] != 1 else ''}, no reply had "
+            "a readable score, so there is no average. Read the judge's replies in the scores "
+            "file: a judge that does not answer with a number needs another model "
+            "(COURSE_JUDGE_MODEL) or a look at the server."
+        )
     if summary["runs"] == 1:
         return (
             f"{name}: 1 run, average {summary['mean']:.2f}\n"
             "  One run cannot show how much the judge's average moves: score again "
             "(COURSE_JUDGE_RUNS=3) to see."
         )
-    averages = ", ".join(f"{a:.2f}" for a in summary["run_averages"])
+    averages = ", ".join("-" if a is None else f"{a:.2f}" for a in summary["run_averages"])
     lines = [
         f"{name}: {summary['runs']} runs (seeds {summary['seeds']}), average "
         f"{summary['mean']:.2f} ± {summary['std']:.2f} (mean ± standard deviation of the run "

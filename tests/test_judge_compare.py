@@ -337,10 +337,16 @@ def test_a_run_of_older_responses_is_refused(ollama_standin, tmp_path):
     path = tmp_path / "b.json"
     entries = half_set()[:4]
     score_runs(entries, path, [0, 1])
+    older = json.loads(path.read_text())
     entries[2]["model_response"] = "something else"  # notebook 07 ran again
     score_runs(entries, path, [0])
+    # scoring the new responses sets the older run aside: it is not averaged with them
+    assert scores.summarize_runs(path)["runs"] == 1
+    # a file that still mixes them (written by an earlier version) is refused
+    mixed = json.loads(path.read_text())
+    mixed["runs"].append(older["runs"][1])
     with pytest.raises(ValueError, match=r"Run 1 scored other responses.*run=1"):
-        scores.summarize_runs(path)
+        scores.summarize_runs(mixed)
     score_runs(entries, path, [1])
     assert scores.summarize_runs(path)["runs"] == 2
 
