@@ -685,12 +685,16 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:  # the settings, the data or the checkpoint: the message says what to do
         print(f"{who}Error: {exc}", file=sys.stderr, flush=True)
         return 2 if isinstance(exc, settings.SettingError) else 1
-    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+    except KeyboardInterrupt:
+        if processes.several:
+            print(f"{who}stopped by Ctrl+C. {failure_advice()}", file=sys.stderr, flush=True)
+        return 130  # (the training loop has said where it stopped)
+    except (Exception, SystemExit) as exc:
         if not processes.several:
             raise
         why = (
-            "it was stopped (another process of the run failed, or Ctrl+C)"
-            if isinstance(exc, (SystemExit, KeyboardInterrupt))
+            "torchrun stopped it (another process of the run failed)"
+            if isinstance(exc, SystemExit)
             else f"{type(exc).__name__}: {exc}"
         )
         print(f"{who}stopped: {why}. {failure_advice()}", file=sys.stderr, flush=True)
