@@ -6,8 +6,10 @@ interruption leaves the old file or the new one, never half of one; reads name t
 file, what is wrong with it and which notebook writes it anew.
 
 The artifacts of a run are named after its "stem": the model (the book's naming,
-"gpt2-medium355M"), followed by the dataset and the fine-tuning method where they
-are not the book's, so runs with other settings never overwrite each other.
+"gpt2-medium355M"), followed by the dataset, the fine-tuning method, the prompt style
+and the instruction masking where they are not the book's ("-phi3", "-masked"), so
+runs with other settings never overwrite each other and the book's settings keep the
+book's names.
 """
 
 from __future__ import annotations
@@ -78,18 +80,49 @@ def artifacts_dir() -> Path:
 # -- names ----------------------------------------------------------------------
 
 
-def run_stem(model: str, dataset_tag: str = "book", finetune: str = "full") -> str:
+def run_stem(
+    model: str,
+    dataset_tag: str = "book",
+    finetune: str = "full",
+    prompt_style: str | None = None,
+    mask_instructions: bool | None = None,
+) -> str:
     """The name every artifact of a run starts with, e.g. "gpt2-medium355M".
 
-    `dataset_tag` comes from `settings.dataset_tag()`; the book's data and full
-    fine-tuning add nothing, so the book's runs keep the book's names.
+    Every setting that changes what notebook 05 trains is part of it: the model, the
+    data (`dataset_tag`, from `settings.dataset_tag()`), the fine-tuning method, the
+    prompt style and the masking of instructions. The book's choices (its data, full
+    fine-tuning, Alpaca prompts, no masking) add nothing, so the book's runs keep the
+    book's names; the others add a part each: "gpt2-medium355M-lora-phi3-masked".
+    `prompt_style` and `mask_instructions` default to COURSE_PROMPT_STYLE and
+    COURSE_MASK_INSTRUCTIONS.
     """
+    if prompt_style is None:
+        prompt_style = settings.setting("COURSE_PROMPT_STYLE")
+    if mask_instructions is None:
+        mask_instructions = settings.setting("COURSE_MASK_INSTRUCTIONS")
     stem = settings.model_file_stem(model)
     if dataset_tag != "book":
         stem += f"-{dataset_tag}"
     if finetune != "full":
         stem += f"-{finetune}"
+    if prompt_style != "alpaca":
+        stem += f"-{prompt_style}"
+    if mask_instructions:
+        stem += "-masked"
     return stem
+
+
+def run_variants(model: str, dataset_tag: str = "book", finetune: str = "full") -> dict:
+    """The stems of every prompt style and masking of one model, data and method.
+
+    Maps (prompt_style, mask_instructions) to the stem, the book's choice first.
+    """
+    return {
+        (style, mask): run_stem(model, dataset_tag, finetune, style, mask)
+        for style in settings.SPEC["COURSE_PROMPT_STYLE"][1]
+        for mask in (False, True)
+    }
 
 
 def split_path(dataset_tag: str | None = None) -> Path:
@@ -404,16 +437,21 @@ FOLLOWED = {
 def training_run() -> dict:
     """The run notebook 05 trained, for notebooks 06-09 to follow.
 
-    The model, dataset and fine-tuning method (COURSE_MODEL, COURSE_DATASET,
-    COURSE_DATA_LIMIT, COURSE_FINETUNE) name the run; its training log says which prompt
-    style and masking it used. Those are taken from the log; a COURSE_* variable that
-    is set to another value stops with a message naming both. Returns the model name,
-    the stem, the followed settings and the log itself.
+    The model, dataset, fine-tuning method, prompt style and masking (COURSE_MODEL,
+    COURSE_DATASET, COURSE_DATA_LIMIT, COURSE_FINETUNE, COURSE_PROMPT_STYLE,
+    COURSE_MASK_INSTRUCTIONS) name the run. When the prompt style and masking are not
+    set and notebook 05 trained only one of them for this model, data and method, that
+    run is followed; when it trained several, the book's choice is taken if it is among
+    them, else a message names the runs and the setting that chooses each. The training
+    log's record of the prompt style and masking is checked against a COURSE_* variable
+    that is set. Returns the model name, the stem, the followed settings and the log.
     """
     model = settings.setting("COURSE_MODEL")
     tag = settings.dataset_tag()
     finetune = settings.setting("COURSE_FINETUNE")
     stem = run_stem(model, tag, finetune)
+    if not path_for("training-log", stem).exists():
+        stem = _only_trained_variant(model, tag, finetune) or stem
     log = read_json(path_for("training-log", stem), WRITTEN_BY["training-log"])
     config = log.get("config", {}) if isinstance(log, dict) else {}
     run = {"model": model, "stem": stem, "dataset_tag": tag, "finetune": finetune, "log": log}
@@ -427,6 +465,34 @@ def training_run() -> dict:
             )
         run[key] = recorded
     return run
+
+
+def _only_trained_variant(model: str, tag: str, finetune: str) -> str | None:
+    """The one trained run of this model, data and method that the settings allow, if one."""
+    style_set = settings.is_set("COURSE_PROMPT_STYLE")
+    mask_set = settings.is_set("COURSE_MASK_INSTRUCTIONS")
+    if style_set and mask_set:
+        return None
+    trained = {
+        (style, mask): stem
+        for (style, mask), stem in run_variants(model, tag, finetune).items()
+        if (not style_set or style == settings.setting("COURSE_PROMPT_STYLE"))
+        and (not mask_set or mask == settings.setting("COURSE_MASK_INSTRUCTIONS"))
+        and path_for("training-log", stem).exists()
+    }
+    if len(trained) == 1:
+        return next(iter(trained.values()))
+    if len(trained) > 1:
+        choices = "; ".join(
+            f"{stem} (COURSE_PROMPT_STYLE={style}, "
+            f"COURSE_MASK_INSTRUCTIONS={'true' if mask else 'false'})"
+            for (style, mask), stem in trained.items()
+        )
+        raise settings.SettingError(
+            f"Notebook 05 trained several runs of {settings.model_file_stem(model)}: "
+            f"{choices}. Set the variables of the one to use."
+        )
+    return None
 
 
 # -- notebook 05's training log -------------------------------------------------------

@@ -38,7 +38,9 @@ def responses_stem(stem: str, stage: str = "sft") -> str:
 def weights_path(stem: str, stage: str = "sft") -> Path:
     """The fine-tuned weights of a stage: notebook 05's `-sft.pth` or notebook 10's `-dpo.pth`.
 
-    Stops with a message naming the notebook that writes them when they are missing.
+    Stops with a message naming the notebook that writes them when they are missing,
+    and, for DPO, when notebook 10's model was made from other SFT weights or prompts
+    than notebook 05's run has now (`course.dpo.check_dpo_model`).
     """
     responses_stem(stem, stage)  # checks the stage
     path = artifacts.path_for(stage, stem)
@@ -54,6 +56,10 @@ def weights_path(stem: str, stage: str = "sft") -> Path:
             f"{STAGE_NOTEBOOK[stage]}: run that notebook first (with the same COURSE_* "
             f"settings){extra}."
         )
+    if stage == "dpo":
+        from course.dpo import check_dpo_model
+
+        check_dpo_model(stem)  # stops when notebook 05 trained again since notebook 10 ran
     return path
 
 
