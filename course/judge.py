@@ -308,6 +308,23 @@ def ollama_status(model: str = "llama3", host: str | None = None, timeout: float
     }
 
 
+# the digest the tests' stand-in server reports for its "model" (tests/ollama_standin.py):
+# the SHA-256 of "course stand-in judge", the digest of no real model
+STANDIN_DIGEST = "fab175d0426aab9e42bb2f500bbbe4bb94f2a1bd5de4b908e1ba6574bf592dd5"
+
+
+def is_standin(judge: dict) -> bool:
+    """True when the judge (`ollama_status`'s answer) is the tests' stand-in, not a model."""
+    return judge.get("digest") == STANDIN_DIGEST
+
+
+def judge_label(judge: dict) -> str:
+    """How figures and printed lines name the judge: its tag, or the stand-in as such."""
+    if is_standin(judge):
+        return f"the tests' stand-in for {judge.get('tag')}, word overlap, not a language model"
+    return str(judge.get("tag") or judge.get("model"))
+
+
 def judge_options(run: int = 0, options: dict | None = None) -> dict:
     """The judge's options for scoring run `run`: the book's (or `options`) with seed + run.
 

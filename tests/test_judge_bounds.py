@@ -188,3 +188,12 @@ def test_bounded_restores_urllib_and_passes_answers_through(ollama_standin):
         reply = helpers.query_model("What do Llamas eat?", url=ollama_standin.url + "/api/chat")
     assert reply  # the stand-in's fixed sentence for a prompt that is not a judge prompt
     assert urllib.request._opener is before
+
+
+def test_the_stand_in_is_labelled_as_such_and_a_real_judge_by_its_tag(ollama_standin):
+    status = judge.ollama_status("llama3")
+    assert judge.is_standin(status)
+    assert "stand-in" in judge.judge_label(status)
+    real = {**status, "digest": "365c0bd3c000a25d28ddbf732fe1c6add414de7275464c4e4d1c3b5fcb5d8ad1"}
+    assert not judge.is_standin(real)
+    assert judge.judge_label(real) == "llama3:latest"
