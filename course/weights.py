@@ -469,6 +469,17 @@ def load_gpt2(
     return settings, params
 
 
+def download_and_load_gpt2(model_size: str, models_dir: str | Path) -> tuple[dict, dict]:
+    """The book's `download_and_load_gpt2(model_size, models_dir)`, run by `load_gpt2`.
+
+    The same call and the same `(settings, params)`, with `load_gpt2`'s resumed
+    downloads and fallbacks. `model_size` is the part of a model's name in parentheses,
+    as listing 7.7 takes it out: "124M", "355M", "774M", "1558M", or "tiny" for the
+    course's offline model "offline (tiny)" (which `load_gpt2` calls "offline").
+    """
+    return load_gpt2("offline" if model_size == "tiny" else model_size, models_dir)
+
+
 def download_limit(model_size: str) -> int:
     """The most bytes one downloaded file of GPT-2 `model_size` ("355M") may hold.
 
