@@ -540,3 +540,94 @@ def print_sample(model, tokenizer, device, start_context: str) -> str:
     print(text.replace("\n", " "))
     model.train()
     return text
+
+
+def run_config(
+    model_name: str,
+    dataset_tag: str,
+    train_data: list,
+    *,
+    prompt_style: str,
+    mask_instructions: bool,
+    data_limit: int,
+    finetune: str,
+    lora_rank: int,
+    lora_alpha: float,
+    batch_size: int,
+    seed: int,
+) -> dict:
+    """What identifies notebook 05's run, besides the optimizer's settings.
+
+    `train_model` saves it in the checkpoint and does not continue a checkpoint saved
+    with other values. The training data enters as its fingerprint; the LoRA rank and
+    alpha only for a LoRA run.
+    """
+    from course.data import data_fingerprint
+
+    lora = finetune == "lora"
+    return {
+        "model": model_name,
+        "prompt_style": prompt_style,
+        "mask_instructions": mask_instructions,
+        "dataset": dataset_tag,
+        "data_limit": data_limit,
+        "finetune": finetune,
+        "lora_rank": lora_rank if lora else None,
+        "lora_alpha": lora_alpha if lora else None,
+        "batch_size": batch_size,
+        "seed": seed,
+        "train_data": data_fingerprint(train_data),
+    }
+
+
+def training_log(
+    history: dict,
+    initial_losses: dict,
+    config: dict,
+    *,
+    model: nn.Module,
+    device,
+    precision: str,
+    learning_rate: float,
+    weight_decay: float,
+    num_epochs: int,
+    eval_freq: int,
+    eval_iter: int,
+    steps_per_epoch: int,
+) -> dict:
+    """Notebook 05's training log of a finished run, for `course.artifacts.write_training_log`.
+
+    `history` is what `train_model` returned, `config` the run's `run_config`. The log
+    keeps what notebook 06 plots (losses, tokens seen, epochs seen at each evaluation)
+    and, under "config", what was trained (the run_config without the data's
+    fingerprint, the hyper-parameters and the number of trainable parameters), which
+    notebooks 06-09 follow.
+    """
+    from course.lora import count_parameters
+
+    train_losses, val_losses = history["train_losses"], history["val_losses"]
+    return {
+        "model": config["model"],
+        "device": str(device),
+        "precision": precision,
+        "torch_version": torch.__version__,
+        "config": {
+            **{key: value for key, value in config.items() if key != "train_data"},
+            "learning_rate": learning_rate,
+            "weight_decay": weight_decay,
+            "num_epochs": num_epochs,
+            "eval_freq": eval_freq,
+            "eval_iter": eval_iter,
+            "steps_per_epoch": steps_per_epoch,
+            "trainable_parameters": count_parameters(model)["trainable"],
+        },
+        "initial_losses": initial_losses,
+        "train_losses": train_losses,
+        "val_losses": val_losses,
+        "tokens_seen": history["tokens_seen"],
+        "epochs_seen": torch.linspace(0, num_epochs, len(train_losses)).tolist(),
+        "eval_steps": history["eval_steps"],
+        "final_losses": {"train": train_losses[-1], "val": val_losses[-1]},
+        "duration_minutes": history["train_seconds"] / 60,
+        "samples": history["samples"],
+    }
