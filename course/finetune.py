@@ -449,7 +449,9 @@ def run(args: argparse.Namespace, processes: Processes) -> int:
     p = read_settings()
     model_name = settings.resolve_model_name(p["CHOOSE_MODEL"])
     dataset_tag = settings.dataset_tag(p["DATASET"], p["DATA_LIMIT"])
-    stem = artifacts.run_stem(model_name, dataset_tag, p["FINETUNE"])
+    stem = artifacts.run_stem(
+        model_name, dataset_tag, p["FINETUNE"], p["PROMPT_STYLE"], p["MASK_INSTRUCTIONS"]
+    )
     world = processes.world_size
     global_batch = p["BATCH_SIZE"] * world
 
@@ -541,19 +543,19 @@ def run(args: argparse.Namespace, processes: Processes) -> int:
 
     # 6. the book's training loop, resumable
     checkpoint_path = artifacts.path_for("checkpoint", stem)
-    run_config = {
-        "model": model_name,
-        "prompt_style": p["PROMPT_STYLE"],
-        "mask_instructions": p["MASK_INSTRUCTIONS"],
-        "dataset": dataset_tag,
-        "data_limit": p["DATA_LIMIT"],
-        "finetune": p["FINETUNE"],
-        "lora_rank": p["LORA_RANK"] if p["FINETUNE"] == "lora" else None,
-        "lora_alpha": p["LORA_ALPHA"] if p["FINETUNE"] == "lora" else None,
-        "batch_size": global_batch,  # what one step learns from, whatever the processes
-        "seed": p["SEED"],
-        "train_data": data.data_fingerprint(train_data),
-    }
+    run_config = training.run_config(
+        model_name,
+        dataset_tag,
+        train_data,
+        prompt_style=p["PROMPT_STYLE"],
+        mask_instructions=p["MASK_INSTRUCTIONS"],
+        data_limit=p["DATA_LIMIT"],
+        finetune=p["FINETUNE"],
+        lora_rank=p["LORA_RANK"],
+        lora_alpha=p["LORA_ALPHA"],
+        batch_size=global_batch,  # what one step learns from, whatever the processes
+        seed=p["SEED"],
+    )
     torch.manual_seed(p["SEED"])
     optimizer = speed.make_optimizer(model, lr=p["LEARNING_RATE"], weight_decay=p["WEIGHT_DECAY"])
     loop = dict(
@@ -610,33 +612,21 @@ def run(args: argparse.Namespace, processes: Processes) -> int:
         else:
             weights_to_save = model.state_dict()
         artifacts.torch_save(weights_to_save, sft_path)
-        training_log = {
-            "model": model_name,
-            "device": str(device),
-            "precision": precision,
-            "torch_version": torch.__version__,
-            "config": {
-                **{key: value for key, value in run_config.items() if key != "train_data"},
-                "learning_rate": p["LEARNING_RATE"],
-                "weight_decay": p["WEIGHT_DECAY"],
-                "num_epochs": p["NUM_EPOCHS"],
-                "eval_freq": EVAL_FREQ,
-                "eval_iter": EVAL_ITER,
-                "steps_per_epoch": steps_per_epoch,
-                "trainable_parameters": lora.count_parameters(model)["trainable"],
-                "processes": world,
-                "per_process_batch_size": p["BATCH_SIZE"],
-            },
-            "initial_losses": initial_losses,
-            "train_losses": train_losses,
-            "val_losses": val_losses,
-            "tokens_seen": tokens_seen,
-            "epochs_seen": torch.linspace(0, p["NUM_EPOCHS"], len(train_losses)).tolist(),
-            "eval_steps": history["eval_steps"],
-            "final_losses": {"train": train_losses[-1], "val": val_losses[-1]},
-            "duration_minutes": history["train_seconds"] / 60,
-            "samples": history["samples"],
-        }
+        training_log = training.training_log(
+            history,
+            initial_losses,
+            run_config,
+            model=model,
+            device=device,
+            precision=precision,
+            learning_rate=p["LEARNING_RATE"],
+            weight_decay=p["WEIGHT_DECAY"],
+            num_epochs=p["NUM_EPOCHS"],
+            eval_freq=EVAL_FREQ,
+            eval_iter=EVAL_ITER,
+            steps_per_epoch=steps_per_epoch,
+        )
+        training_log["config"].update(processes=world, per_process_batch_size=p["BATCH_SIZE"])
         log_path = artifacts.write_training_log(stem, training_log)
         size_mb = sft_path.stat().st_size / 1e6
         print(f"Saved {sft_path.name} ({size_mb:.0f} MB) and {log_path.name}")
@@ -653,6 +643,8 @@ def failure_advice() -> str:
             settings.setting("COURSE_MODEL"),
             settings.dataset_tag(),
             settings.setting("COURSE_FINETUNE"),
+            settings.setting("COURSE_PROMPT_STYLE"),
+            settings.setting("COURSE_MASK_INSTRUCTIONS"),
         )
         path = artifacts.path_for("checkpoint", stem)
     except Exception:  # the settings themselves are wrong: the error says so
