@@ -48,30 +48,7 @@ WEIGHT_NOTEBOOKS = ("04_", "05_")  # the notebooks that load pretrained GPT-2 we
 SCORING_NOTEBOOK = "09_"
 
 # command-line option -> environment variable of the parameters cell
-OPTIONS = [
-    (
-        "--model",
-        "COURSE_MODEL",
-        "gpt2-small, gpt2-medium (default), gpt2-large, gpt2-xl or offline",
-    ),
-    ("--judge-model", "COURSE_JUDGE_MODEL", "the Ollama model that scores the responses (llama3)"),
-    ("--judge-runs", "COURSE_JUDGE_RUNS", "how often the judge scores each response set (3)"),
-    ("--epochs", "COURSE_EPOCHS", "training epochs (2)"),
-    ("--batch-size", "COURSE_BATCH_SIZE", "batch size (8)"),
-    ("--lr", "COURSE_LR", "learning rate (5e-5)"),
-    ("--weight-decay", "COURSE_WEIGHT_DECAY", "AdamW weight decay (0.1)"),
-    ("--seed", "COURSE_SEED", "random seed (123)"),
-    ("--device", "COURSE_DEVICE", "auto (default), cuda, mps or cpu"),
-    ("--precision", "COURSE_PRECISION", "auto (default), fp32, fp16 or bf16"),
-    ("--prompt-style", "COURSE_PROMPT_STYLE", "alpaca (default) or phi3"),
-    ("--dataset", "COURSE_DATASET", "book (default), alpaca, or a JSON file's path or URL"),
-    ("--data-limit", "COURSE_DATA_LIMIT", "use a random subset of this many entries (0: all)"),
-    ("--finetune", "COURSE_FINETUNE", "full (default) or lora (exercise 7.4)"),
-    ("--lora-rank", "COURSE_LORA_RANK", "LoRA rank (16)"),
-    ("--lora-alpha", "COURSE_LORA_ALPHA", "LoRA alpha (16)"),
-    ("--stage", "COURSE_STAGE", "which model 07-09 evaluate: sft (default) or dpo (notebook 10)"),
-    ("--models-dir", "COURSE_MODELS_DIR", "where GPT-2 weights are cached (gpt2/)"),
-]
+OPTIONS = settings.COMMAND_LINE_OPTIONS
 
 
 def find_notebooks(root: str | Path = ROOT) -> list[Path]:

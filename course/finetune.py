@@ -77,28 +77,12 @@ from course import artifacts, data, hardware, lora, settings, speed, training, w
 
 EVAL_FREQ, EVAL_ITER = 5, 5  # notebook 05's evaluation schedule (the book's)
 
-# command-line flag -> the COURSE_* variable notebook 05's parameters cell reads (the
-# names of run_course.py's flags)
+# command-line flag -> the COURSE_* variable notebook 05's parameters cell reads:
+# run_course.py's flags, less those of the judge and of the evaluated stage
 OPTIONS = [
-    (
-        "--model",
-        "COURSE_MODEL",
-        "gpt2-small, gpt2-medium (default), gpt2-large, gpt2-xl or offline",
-    ),
-    ("--epochs", "COURSE_EPOCHS", "training epochs (2)"),
-    ("--batch-size", "COURSE_BATCH_SIZE", "batch size of each process (8)"),
-    ("--lr", "COURSE_LR", "learning rate (5e-5)"),
-    ("--weight-decay", "COURSE_WEIGHT_DECAY", "AdamW weight decay (0.1)"),
-    ("--seed", "COURSE_SEED", "random seed (123)"),
-    ("--device", "COURSE_DEVICE", "auto (default), cuda, mps or cpu"),
-    ("--precision", "COURSE_PRECISION", "auto (default), fp32, fp16 or bf16"),
-    ("--prompt-style", "COURSE_PROMPT_STYLE", "alpaca (default) or phi3"),
-    ("--dataset", "COURSE_DATASET", "book (default), alpaca, or a JSON file's path or URL"),
-    ("--data-limit", "COURSE_DATA_LIMIT", "use a random subset of this many entries (0: all)"),
-    ("--finetune", "COURSE_FINETUNE", "full (default) or lora (exercise 7.4)"),
-    ("--lora-rank", "COURSE_LORA_RANK", "LoRA rank (16)"),
-    ("--lora-alpha", "COURSE_LORA_ALPHA", "LoRA alpha (16)"),
-    ("--models-dir", "COURSE_MODELS_DIR", "where GPT-2 weights are cached (gpt2/)"),
+    (flag, name, "batch size of each process (8)" if flag == "--batch-size" else text)
+    for flag, name, text in settings.COMMAND_LINE_OPTIONS
+    if name not in ("COURSE_JUDGE_MODEL", "COURSE_JUDGE_RUNS", "COURSE_STAGE")
 ]
 
 

@@ -176,23 +176,12 @@ def open_until(request: str | urllib.request.Request, timeout: float, deadline: 
     deadlines = _Deadlines(deadline)
     opener = _bounded_opener(deadlines, timeout, direct=_is_local(url))
     try:
-        try:
-            response = opener.open(request, timeout=timeout)
-        except (OSError, http.client.HTTPException, ValueError):
-            if deadlines.expired:
-                raise TimeoutError(
-                    "timed out: the answer took longer than the time allowed"
-                ) from None
-            raise
-        with response:
-            try:
-                yield response
-            except (OSError, http.client.HTTPException, ValueError):
-                if deadlines.expired:
-                    raise TimeoutError(
-                        "timed out: the answer took longer than the time allowed"
-                    ) from None
-                raise
+        with opener.open(request, timeout=timeout) as response:
+            yield response
+    except (OSError, http.client.HTTPException, ValueError):
+        if deadlines.expired:  # the timer shut the socket: say so, not "connection reset"
+            raise TimeoutError("timed out: the answer took longer than the time allowed") from None
+        raise
     finally:
         deadlines.cancel()
 
