@@ -86,21 +86,25 @@ def run_stem(
     finetune: str = "full",
     prompt_style: str | None = None,
     mask_instructions: bool | None = None,
+    max_length: int | None = None,
 ) -> str:
     """The name every artifact of a run starts with, e.g. "gpt2-medium355M".
 
     Every setting that changes what notebook 05 trains is part of it: the model, the
     data (`dataset_tag`, from `settings.dataset_tag()`), the fine-tuning method, the
-    prompt style and the masking of instructions. The book's choices (its data, full
-    fine-tuning, Alpaca prompts, no masking) add nothing, so the book's runs keep the
-    book's names; the others add a part each: "gpt2-medium355M-lora-phi3-masked".
-    `prompt_style` and `mask_instructions` default to COURSE_PROMPT_STYLE and
-    COURSE_MASK_INSTRUCTIONS.
+    prompt style, the masking of instructions and the longest example (`max_length`,
+    the collate function's allowed_max_length). The book's choices (its data, full
+    fine-tuning, Alpaca prompts, no masking, 1024) add nothing, so the book's runs keep
+    the book's names; the others add a part each: "gpt2-medium355M-lora-phi3-masked-len512".
+    `prompt_style`, `mask_instructions` and `max_length` default to COURSE_PROMPT_STYLE,
+    COURSE_MASK_INSTRUCTIONS and COURSE_MAX_LENGTH.
     """
     if prompt_style is None:
         prompt_style = settings.setting("COURSE_PROMPT_STYLE")
     if mask_instructions is None:
         mask_instructions = settings.setting("COURSE_MASK_INSTRUCTIONS")
+    if max_length is None:
+        max_length = settings.setting("COURSE_MAX_LENGTH")
     stem = settings.model_file_stem(model)
     if dataset_tag != "book":
         stem += f"-{dataset_tag}"
@@ -110,6 +114,8 @@ def run_stem(
         stem += f"-{prompt_style}"
     if mask_instructions:
         stem += "-masked"
+    if max_length != settings.SPEC["COURSE_MAX_LENGTH"][0]:
+        stem += f"-len{max_length}"
     return stem
 
 

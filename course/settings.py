@@ -40,6 +40,9 @@ SPEC: dict[str, tuple[Any, Any]] = {
     "COURSE_MODEL": ("gpt2-medium (355M)", "model"),
     "COURSE_PROMPT_STYLE": ("alpaca", ("alpaca", "phi3")),
     "COURSE_MASK_INSTRUCTIONS": (False, None),
+    # exercise 7.3: the collate function's allowed_max_length (notebooks 03-05); the book's
+    # 1024 is GPT-2's context length, and its advice for too little memory is 512 or 256
+    "COURSE_MAX_LENGTH": (1024, {"min": 2, "max": 1024}),
     "COURSE_BATCH_SIZE": (8, {"min": 1, "max": 4096}),
     "COURSE_LR": (5e-5, {"min": 0.0, "max": 1.0, "above_min": True}),
     "COURSE_WEIGHT_DECAY": (0.1, {"min": 0.0, "max": 10.0}),
@@ -294,6 +297,7 @@ COMMAND_LINE_OPTIONS = [
     ("--prompt-style", "COURSE_PROMPT_STYLE", "alpaca (default) or phi3"),
     ("--dataset", "COURSE_DATASET", "book (default), alpaca, or a JSON file's path or URL"),
     ("--data-limit", "COURSE_DATA_LIMIT", "use a random subset of this many entries (0: all)"),
+    ("--max-length", "COURSE_MAX_LENGTH", "allowed_max_length: longer examples are cut (1024)"),
     ("--finetune", "COURSE_FINETUNE", "full (default) or lora (exercise 7.4)"),
     ("--lora-rank", "COURSE_LORA_RANK", "LoRA rank (16)"),
     ("--lora-alpha", "COURSE_LORA_ALPHA", "LoRA alpha (16)"),

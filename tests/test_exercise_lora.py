@@ -247,7 +247,7 @@ def test_each_wrong_version_gets_a_different_message(solution):
 
 def test_a_correct_count_is_still_checked_on_gpt2_medium(solution, monkeypatch):
     """The 7,898,384 comes from GPT-2 medium's own shapes: a different expected count fails."""
-    monkeypatch.setattr(exercises, "GPT2_MEDIUM_LORA_PARAMETERS", 7_898_385)
+    monkeypatch.setattr(exercises.lora, "GPT2_MEDIUM_LORA_PARAMETERS", 7_898_385)
     result = exercises.check_lora(*solution)
     assert result.status == "wrong"
     assert "7,898,384" in result.message and "GPT-2 medium" in result.message
