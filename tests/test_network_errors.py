@@ -27,7 +27,9 @@ import course.data
 import helpers
 from course.artifacts import sha256_of_file
 from course.data import DATA_SHA256, DatasetError, load_instruction_data
-from course.weights import describe_network_error, download_file, download_gpt2_tf_files, load_gpt2
+from course.downloads import describe_network_error, download_file
+from course.gpt2_files import download_gpt2_tf_files
+from course.weights import load_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = (ROOT / "instruction-data.json").read_bytes()

@@ -22,17 +22,15 @@ from http_fixtures import FileServer, closed_port_url, no_proxy  # noqa: F401
 from safetensors.numpy import load_file, save_file
 
 import helpers
-from course.settings import model_config
-from course.weights import (
+from course.gpt2_files import (
     SAFETENSORS_FILES,
-    load_gpt2,
     load_gpt2_from_safetensors,
     load_gpt2_params_from_tf_ckpt,
-    offline_gpt2_arrays,
     tf_checkpoint_path,
-    write_offline_gpt2,
-    write_tf_checkpoint,
 )
+from course.offline_model import offline_gpt2_arrays, write_offline_gpt2, write_tf_checkpoint
+from course.settings import model_config
+from course.weights import load_gpt2
 
 OFFLINE_SETTINGS = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 64, "n_head": 2, "n_layer": 2}
 

@@ -13,14 +13,10 @@ import torch
 from gpt2_fixtures import offline_gpt2_files  # noqa: F401
 
 import helpers
+from course.gpt2_files import load_gpt2_params_from_tf_ckpt, tf_checkpoint_path
+from course.offline_model import write_tf_checkpoint
 from course.settings import model_config
-from course.weights import (
-    load_gpt2,
-    load_gpt2_params_from_tf_ckpt,
-    load_weights_into_gpt,
-    tf_checkpoint_path,
-    write_tf_checkpoint,
-)
+from course.weights import load_gpt2, load_weights_into_gpt
 
 # a tiny GPT-2 in OpenAI's layout; every number distinct, so a mix-up shows
 HPARAMS = {"n_vocab": 11, "n_ctx": 7, "n_embd": 6, "n_head": 2, "n_layer": 2}
