@@ -14,7 +14,7 @@ import pytest
 from ollama_standin import HUGE_REPLY_DIGITS, MODELS, NO_NUMBER_REPLY, OllamaStandIn, judge_reply
 
 import helpers
-from course import artifacts, judge
+from course import artifacts, judge, ollama_client
 from course.scores import load_scores, score_summary
 
 ENTRIES = [  # response vs output: word-overlap F1 100, 0 and 2/3 -> 67
@@ -320,7 +320,7 @@ def test_a_chat_answer_trickling_forever_ends_at_max_seconds(ollama_standin):
 
 
 def test_a_chat_answer_without_end_stops_at_the_reply_limit(ollama_standin, monkeypatch):
-    monkeypatch.setattr(judge, "MAX_REPLY_BYTES", 4000)
+    monkeypatch.setattr(ollama_client, "MAX_REPLY_BYTES", 4000)
     ollama_standin.set_fault("trickle")  # one byte per chunk, as fast as it goes
     started = time.monotonic()
     with pytest.raises(judge.JudgeError, match="longer than 4,000 bytes: that is no score"):
