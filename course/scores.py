@@ -1,11 +1,6 @@
-"""Judge scores: per-run summaries, repeated runs, and paired comparisons of two models.
-
-A judge's average moves a little when the same responses are scored again, and two
-models' averages differ partly by chance. These functions read the scores files of
-`course.judge.generate_model_scores` and say how large a difference must be to mean
-something: the mean difference entry by entry, its standard error and a bootstrap
-interval, set against the spread between repeated runs of the same responses.
-"""
+"""Judge scores read back: per-run summaries, repeated runs, and a paired comparison of
+two models that says whether a difference is more than the judge's noise. Used by
+notebook 09, course.judge and run_course.py's summary."""
 
 from __future__ import annotations
 
@@ -219,6 +214,51 @@ def compare_scores(
     """
     record_a, record_b = read_scores(scores_a), read_scores(scores_b)
     table_a, table_b = score_table(record_a), score_table(record_b)
+    require_same_entries(record_a, record_b, table_a, table_b, names)
+    a, b = entry_means(table_a), entry_means(table_b)
+    keep = ~np.isnan(a) & ~np.isnan(b)
+    d = a[keep] - b[keep]
+    n = len(d)
+    if n < 2:
+        raise ValueError(f"Only {n} entries have a readable score in both files: too few.")
+    mean, std = float(d.mean()), float(d.std(ddof=1))
+    low, high = bootstrap_interval(d, resamples, seed)
+    spreads = [run_spread(table) for table in (table_a, table_b)]
+    measured = [s for s in spreads if s is not None]
+    judge_noise = max(measured) if measured else None
+    within_noise = low <= 0 <= high or (judge_noise is not None and abs(mean) <= judge_noise)
+    return {
+        "names": list(names),
+        "entries": len(a),
+        "paired": n,
+        "left_out": int(len(a) - n),
+        "runs": [table_a.shape[0], table_b.shape[0]],
+        "average_a": float(a[keep].mean()),
+        "average_b": float(b[keep].mean()),
+        "mean_difference": mean,
+        "std_difference": std,
+        "standard_error": std / np.sqrt(n),
+        "ci95": [low, high],
+        "bootstrap": {"resamples": resamples, "seed": seed},
+        "run_spread": spreads,
+        "judge_noise": judge_noise,
+        "within_noise": bool(within_noise),
+        "a_higher": int((d > 0).sum()),
+        "b_higher": int((d < 0).sum()),
+        "ties": int((d == 0).sum()),
+        "differences": [
+            {"index": int(i), "a": float(a[i]), "b": float(b[i]), "difference": float(a[i] - b[i])}
+            for i in np.flatnonzero(keep)
+        ],
+        "verdict": comparison_verdict(mean, (low, high), judge_noise, names),
+        "notes": comparison_notes(record_a, record_b, judge_noise),
+    }
+
+
+def require_same_entries(
+    record_a: dict, record_b: dict, table_a: np.ndarray, table_b: np.ndarray, names
+) -> None:
+    """Stop unless both records scored responses to the same test entries, in order."""
     name_a, name_b = names
     if table_a.shape[1] != table_b.shape[1]:
         raise ValueError(
@@ -234,55 +274,59 @@ def compare_scores(
                 "responses to the same test set (the same split of notebook 01)."
             )
 
-    def entry_means(table: np.ndarray) -> np.ndarray:
-        counts = (~np.isnan(table)).sum(axis=0)
-        return np.where(counts > 0, np.nansum(table, axis=0) / np.maximum(counts, 1), np.nan)
 
-    a, b = entry_means(table_a), entry_means(table_b)
-    keep = ~np.isnan(a) & ~np.isnan(b)
-    d = a[keep] - b[keep]
-    n = len(d)
-    if n < 2:
-        raise ValueError(f"Only {n} entries have a readable score in both files: too few.")
-    mean = float(d.mean())
-    std = float(d.std(ddof=1))
+def entry_means(table: np.ndarray) -> np.ndarray:
+    """Each entry's average readable score over the runs (NaN where no run had one)."""
+    counts = (~np.isnan(table)).sum(axis=0)
+    return np.where(counts > 0, np.nansum(table, axis=0) / np.maximum(counts, 1), np.nan)
+
+
+def bootstrap_interval(d: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """The 95% bootstrap interval of the mean of `d` (its entries resampled)."""
     rng = np.random.default_rng(seed)
-    boot = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    boot = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
     low, high = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+    return low, high
 
-    spreads = []
-    for table in (table_a, table_b):
-        averages = run_averages(table)
-        spreads.append(max(averages) - min(averages) if len(averages) > 1 else None)
-    measured = [s for s in spreads if s is not None]
-    judge_noise = max(measured) if measured else None
-    includes_zero = low <= 0 <= high
-    below_noise = judge_noise is not None and abs(mean) <= judge_noise
 
-    interval = f"[{low:+.2f}, {high:+.2f}]"
-    if includes_zero:
-        verdict = (
-            f"Within the judge's noise: the 95% interval of the difference, {interval}, "
+def run_spread(table: np.ndarray) -> float | None:
+    """Largest minus smallest run average (None with one run: not measured)."""
+    averages = run_averages(table)
+    return max(averages) - min(averages) if len(averages) > 1 else None
+
+
+def comparison_verdict(
+    mean: float, interval: tuple[float, float], judge_noise: float | None, names
+) -> str:
+    """One sentence: is the difference within the judge's noise, or who scores higher."""
+    name_a, name_b = names
+    low, high = interval
+    shown = f"[{low:+.2f}, {high:+.2f}]"
+    if low <= 0 <= high:
+        return (
+            f"Within the judge's noise: the 95% interval of the difference, {shown}, "
             f"includes 0, so these scores do not show that {name_a} and {name_b} differ."
         )
-    elif below_noise:
-        verdict = (
+    if judge_noise is not None and abs(mean) <= judge_noise:
+        return (
             f"Within the judge's noise: the difference, {mean:+.2f} points, is no larger than "
             f"the {judge_noise:.2f} points by which repeated runs of the same responses moved "
             "the average."
         )
-    else:
-        higher, lower = (name_a, name_b) if mean > 0 else (name_b, name_a)
-        verdict = (
-            f"{higher} scores {abs(mean):.2f} points higher than {lower}: the 95% interval of "
-            f"the difference, {interval}, excludes 0"
-            + (
-                f" and the difference exceeds the {judge_noise:.2f}-point spread between "
-                "repeated runs."
-                if judge_noise is not None
-                else "."
-            )
+    higher, lower = (name_a, name_b) if mean > 0 else (name_b, name_a)
+    return (
+        f"{higher} scores {abs(mean):.2f} points higher than {lower}: the 95% interval of "
+        f"the difference, {shown}, excludes 0"
+        + (
+            f" and the difference exceeds the {judge_noise:.2f}-point spread between repeated runs."
+            if judge_noise is not None
+            else "."
         )
+    )
+
+
+def comparison_notes(record_a: dict, record_b: dict, judge_noise: float | None) -> list[str]:
+    """What limits the comparison: no repeated runs, other judges, other Ollama versions."""
     notes = []
     if judge_noise is None:
         notes.append(
@@ -300,33 +344,7 @@ def compare_scores(
     versions = {r.get("ollama_version") for r in record_a["runs"] + record_b["runs"]}
     if len(versions) > 1:
         notes.append(f"The runs used different Ollama versions: {sorted(map(str, versions))}.")
-
-    return {
-        "names": [name_a, name_b],
-        "entries": len(a),
-        "paired": n,
-        "left_out": int(len(a) - n),
-        "runs": [table_a.shape[0], table_b.shape[0]],
-        "average_a": float(a[keep].mean()),
-        "average_b": float(b[keep].mean()),
-        "mean_difference": mean,
-        "std_difference": std,
-        "standard_error": std / np.sqrt(n),
-        "ci95": [low, high],
-        "bootstrap": {"resamples": resamples, "seed": seed},
-        "run_spread": spreads,
-        "judge_noise": judge_noise,
-        "within_noise": bool(includes_zero or below_noise),
-        "a_higher": int((d > 0).sum()),
-        "b_higher": int((d < 0).sum()),
-        "ties": int((d == 0).sum()),
-        "differences": [
-            {"index": int(i), "a": float(a[i]), "b": float(b[i]), "difference": float(a[i] - b[i])}
-            for i in np.flatnonzero(keep)
-        ],
-        "verdict": verdict,
-        "notes": notes,
-    }
+    return notes
 
 
 def format_comparison(comparison: dict) -> str:
