@@ -1,25 +1,11 @@
-"""Preference tuning with DPO (notebook 10, the bonus): the book's code and a resumable trainer.
-
-Direct Preference Optimization trains a *policy* (the fine-tuned model of notebook 05)
-to give a preferred response more probability than a rejected one, measured against a
-frozen *reference* copy of the same model. Three parts:
-
-- the book's bonus code, with its names (`PreferenceDataset`, `custom_collate_fn`,
-  `compute_logprobs`, `compute_dpo_loss`, `compute_dpo_loss_batch`,
-  `compute_dpo_loss_loader`, `evaluate_dpo_loss_loader`, `train_model_dpo_simple`):
-  notebook 10 writes each of them in a cell and checks that it equals the copy here;
-- the fast path: `compute_dpo_loss_batch_fast` gives the same loss with one forward
-  pass for the chosen and rejected responses together and the output layer only
-  where a response token is scored;
-- `train_model_dpo`: `train_model_dpo_simple` with a progress bar, mixed precision,
-  checkpoints (an interrupted run continues exactly where it stopped) and a stop at
-  the first loss that is not a finite number.
+"""Preference tuning with DPO (notebook 10, the bonus): the book's code, which notebook 10
+writes cell by cell and compares with this copy, a fast path that gives the same loss with
+less work, and `train_model_dpo`, the book's loop that survives interruptions.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +14,29 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import helpers
-from course import settings
-from course.artifacts import sha256_of_file
-from course.speed import forward
-from course.training import Task, run_resumable
 
-NOTEBOOK = "10_preference_tuning_with_dpo"
-PREFERENCE_DATA_FILE = settings.ROOT / "instruction-data-with-preference.json"
-# the book's bonus material's file, as the course ships it
-PREFERENCE_DATA_SHA256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
-PREFERENCE_FIELDS = ("instruction", "input", "chosen", "rejected")
-MIN_ENTRIES = 20  # the smallest file whose 85/10/5 split leaves every part non-empty
+# names notebook 10, course.responses and the tests use from here (course.dpo)
+from course.dpo_lineage import SFT_SHA256_KEY, check_dpo_model  # noqa: F401
+from course.dpo_training import (  # noqa: F401
+    CHECKPOINT_FORMAT,
+    NOTEBOOK,
+    TRACKED,
+    dpo_history,
+    dpo_task,
+    freeze,
+    require_frozen,
+    reward_margins,
+)
+from course.preference_data import (  # noqa: F401
+    MIN_ENTRIES,
+    PREFERENCE_DATA_FILE,
+    PREFERENCE_DATA_SHA256,
+    PREFERENCE_FIELDS,
+    PreferenceDataError,
+    load_preference_data,
+)
+from course.speed import forward
+from course.training import run_resumable
 
 # the book's bonus run (GPT-2 medium fine-tuned as in chapter 7, beta 0.1, AdamW lr 5e-6,
 # weight decay 0.01, one epoch, evaluation every 5 steps on 5 batches)
@@ -49,54 +47,6 @@ BOOK_DPO_RUN = {
 }
 
 
-class PreferenceDataError(ValueError):
-    """The preference data file is not what notebook 10 expects."""
-
-
-def load_preference_data(
-    path: str | Path = PREFERENCE_DATA_FILE, expected_sha256: str | None = None
-) -> list[dict]:
-    """Load and check the preference data: a list of entries with `instruction`, `input`,
-    `chosen` and `rejected` strings.
-
-    The course's own file is checked against its SHA-256 (pass `expected_sha256` to
-    check another file too); a damaged file or entry names itself and the fix.
-    """
-    path = Path(path)
-    if expected_sha256 is None and path.resolve() == PREFERENCE_DATA_FILE.resolve():
-        expected_sha256 = PREFERENCE_DATA_SHA256
-    restore = (
-        "Restore the course's copy (for example `git checkout -- "
-        f"{PREFERENCE_DATA_FILE.name}`, or download the course again)."
-    )
-    if not path.exists():
-        raise PreferenceDataError(f"{path} was not found. {restore}")
-    if expected_sha256 is not None and sha256_of_file(path) != expected_sha256:
-        raise PreferenceDataError(
-            f"{path} is not the expected file (its SHA-256 differs): it was changed or "
-            f"damaged. {restore}"
-        )
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PreferenceDataError(f"{path} is not valid JSON text ({exc}). {restore}") from None
-    if not isinstance(data, list):
-        raise PreferenceDataError(f"{path}: expected a JSON list of entries.")
-    for index, entry in enumerate(data):
-        for field in PREFERENCE_FIELDS:
-            if not isinstance(entry, dict) or not isinstance(entry.get(field), str):
-                raise PreferenceDataError(
-                    f'{path}: entry {index} has no string field "{field}". Every entry needs '
-                    '"instruction", "input" (may be ""), "chosen" and "rejected".'
-                )
-    if len(data) < MIN_ENTRIES:
-        raise PreferenceDataError(
-            f"{path} has {len(data)} entries; the 85/10/5 split needs at least {MIN_ENTRIES}."
-        )
-    return data
-
-
-# ---------------------------------------------------------------------------------
 # The book's bonus code (notebook 10 writes each function and checks it equals this)
 # ---------------------------------------------------------------------------------
 
@@ -128,7 +78,7 @@ class PreferenceDataset(Dataset):
         return len(self.data)
 
 
-def custom_collate_fn(
+def dpo_collate_fn(
     batch, pad_token_id=50256, allowed_max_length=None, mask_prompt_tokens=True, device="cpu"
 ):
     """Pad `chosen` and `rejected` to one length; masks are True on the response only."""
@@ -447,30 +397,6 @@ def evaluate_dpo_fast(policy_model, reference_model, train_loader, val_loader, b
     return res
 
 
-# ---------------------------------------------------------------------------------
-# Resumable DPO training
-# ---------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = "course-dpo-checkpoint-1"
-TRACKED = (
-    "train_losses",
-    "train_chosen_rewards",
-    "train_rejected_rewards",
-    "val_losses",
-    "val_chosen_rewards",
-    "val_rejected_rewards",
-    "tokens_seen",
-)
-
-
-def freeze(model):
-    """Make `model` a frozen reference: evaluation mode, no gradients. Returns it."""
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
-
-
 def train_model_dpo(
     policy_model,
     reference_model,
@@ -513,46 +439,14 @@ def train_model_dpo(
     tracking lists (`train_losses`, `train_chosen_rewards`, ..., `tokens_seen`) plus
     `eval_steps`, `samples`, `global_step`, `train_seconds` and `finished`.
     """
-    if any(param.requires_grad for param in reference_model.parameters()):
-        raise ValueError(
-            "The reference model has trainable parameters: freeze it first "
-            "(course.dpo.freeze(reference_model)), so that only the policy learns."
-        )
-
-    def evaluate(progress, epoch, step):
-        res = evaluate_dpo_fast(
-            policy_model, reference_model, train_loader, val_loader, beta, eval_iter
-        )
-        for name in ("train", "val"):
-            progress[f"{name}_losses"].append(res[f"{name}_loss"])
-            progress[f"{name}_chosen_rewards"].append(res[f"{name}_chosen_reward"])
-            progress[f"{name}_rejected_rewards"].append(res[f"{name}_rejected_reward"])
-        progress["tokens_seen"].append(progress["tokens"])
-        train_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
-        val_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
-        line = (
-            f"Ep {epoch + 1} (Step {step:06d}): "
-            f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
-            f"Train reward margins {train_margin:.3f}, "
-            f"Val reward margins {val_margin:.3f}"
-        )
-        return {"loss": f"{res['train_loss']:.3f}", "margin": f"{train_margin:.3f}"}, line
-
-    task = Task(
-        name="DPO",
-        label="DPO",
-        checkpoint_format=CHECKPOINT_FORMAT,
-        notebook=NOTEBOOK,
-        book_lr="5e-6",
-        lr_setting="COURSE_DPO_LR",
-        progress={"tokens": 0, **{key: [] for key in TRACKED}},
-        token_counter="tokens",
+    require_frozen(reference_model)
+    task = dpo_task(
         batch_loss=lambda batch: compute_dpo_loss_batch_fast(
             batch, policy_model, reference_model, beta
         )[0],
-        batch_tokens=lambda batch: batch["chosen"].numel(),
-        evaluate=evaluate,
-        history=dpo_history,
+        evaluate_models=lambda: evaluate_dpo_fast(
+            policy_model, reference_model, train_loader, val_loader, beta, eval_iter
+        ),
     )
     return run_resumable(
         task,
@@ -574,81 +468,3 @@ def train_model_dpo(
         max_steps=max_steps,
         show_progress=show_progress,
     )
-
-
-def dpo_history(progress: dict) -> dict[str, Any]:
-    """What `train_model_dpo` returns: the tracked values so far and where training stands."""
-    history = {key: list(progress[key]) for key in TRACKED}
-    history.update(
-        eval_steps=list(progress["eval_steps"]),
-        samples=list(progress["samples"]),
-        global_step=progress["global_step"],
-        train_seconds=progress["train_seconds"],
-        finished=progress["finished"],
-    )
-    return history
-
-
-def reward_margins(history: dict, split: str = "train") -> list[float]:
-    """Chosen minus rejected reward at each evaluation, for "train" or "val"."""
-    return [
-        chosen - rejected
-        for chosen, rejected in zip(
-            history[f"{split}_chosen_rewards"], history[f"{split}_rejected_rewards"], strict=True
-        )
-    ]
-
-
-# -- which SFT model a DPO model was made from ------------------------------------------
-
-# the key of notebook 10's DPO log that holds the SHA-256 of the SFT weights it started from
-SFT_SHA256_KEY = "sft_sha256"
-
-
-def check_dpo_model(stem: str) -> None:
-    """Stop when run `stem`'s DPO model was not made from its current SFT model.
-
-    Notebook 10 records in its DPO log the SHA-256 of the `-sft.pth` it started from and
-    the prompt style it used. When notebook 05 has trained again since, or with another
-    prompt style, the DPO model belongs to another run: using it (COURSE_STAGE=dpo in
-    notebooks 07-09 and 11) would score a model made from weights that are gone. A log
-    written before the hash was recorded is only reported.
-    """
-    from course import artifacts
-
-    dpo_path = artifacts.path_for("dpo", stem)
-    log_path = artifacts.path_for("dpo-log", stem)
-    if not log_path.exists():
-        print(f"{log_path.name} is missing: which SFT model {dpo_path.name} came from is unknown.")
-        return
-    log = artifacts.read_json(log_path, artifacts.WRITTEN_BY["dpo-log"])
-    log = log if isinstance(log, dict) else {}
-    problems = []
-    sft_path = artifacts.path_for("sft", stem)
-    recorded = log.get(SFT_SHA256_KEY)
-    if recorded is None:
-        print(
-            f"{log_path.name} does not record which SFT weights {dpo_path.name} started from "
-            "(an earlier version of notebook 10 wrote it); run notebook 10 again to record them."
-        )
-    elif sft_path.exists() and sha256_of_file(sft_path) != recorded:
-        problems.append(
-            f"{sft_path.name} is not the SFT model it started from (notebook 05 trained again "
-            f"since: SHA-256 {recorded[:12]}... then, {sha256_of_file(sft_path)[:12]}... now)"
-        )
-    dpo_style = (log.get("config") or {}).get("prompt_style")
-    try:
-        sft_style = artifacts.read_training_log(stem)["config"].get("prompt_style")
-    except artifacts.ArtifactError:
-        sft_style = None
-    if dpo_style and sft_style and dpo_style != sft_style:
-        problems.append(
-            f"it used {dpo_style!r} prompts, notebook 05's run {stem} uses {sft_style!r}"
-        )
-    if problems:
-        raise artifacts.ArtifactError(
-            f"{dpo_path.name} was made by notebook 10 from another SFT model: "
-            + "; ".join(problems)
-            + ". Run notebook 10_preference_tuning_with_dpo again to make the DPO model "
-            "from the current one, or unset COURSE_STAGE to use notebook 05's model."
-        )

@@ -49,7 +49,7 @@ def make_loader(entries, tokenizer, batch_size=2, shuffle=False, seed=None):
         batch_size=batch_size,
         shuffle=shuffle,
         drop_last=shuffle,
-        collate_fn=partial(dpo.custom_collate_fn, allowed_max_length=1024),
+        collate_fn=partial(dpo.dpo_collate_fn, allowed_max_length=1024),
     )
 
 
@@ -89,7 +89,7 @@ def test_a_changed_or_damaged_preference_file_names_itself(tmp_path, preference_
 def test_masks_leave_out_prompt_and_padding(tokenizer, preference_data):
     entries = [preference_data[0], preference_data[1045]]  # responses of different lengths
     items = [dpo.PreferenceDataset(entries, tokenizer)[i] for i in range(2)]
-    batch = dpo.custom_collate_fn(items)
+    batch = dpo.dpo_collate_fn(items)
     width = max(len(item[key]) for item in items for key in ("chosen", "rejected")) + 1
     assert batch["chosen"].shape == batch["rejected"].shape == (2, width)
     for row, (entry, item) in enumerate(zip(entries, items, strict=True)):
@@ -104,7 +104,7 @@ def test_masks_leave_out_prompt_and_padding(tokenizer, preference_data):
             scored = tokenizer.decode(ids[mask].tolist())
             assert scored == "### Response:\n" + entry[key]
             assert ids[:prompt_len].tolist() == item["prompt"]
-    unmasked = dpo.custom_collate_fn(items, mask_prompt_tokens=False)
+    unmasked = dpo.dpo_collate_fn(items, mask_prompt_tokens=False)
     assert unmasked["chosen_mask"][0, 0]  # without prompt masking only padding is out
 
 
