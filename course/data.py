@@ -1,19 +1,6 @@
-"""The dataset files: which data, download with a checksum, validation that names the entry, the split.
-
-`helpers.download_and_load_file` is the book's listing 7.1. `load_instruction_data`
-does the same job for the course: the download resumes, is checked against its
-SHA-256 and bounded in size (COURSE_DATASET_MAX_MB) and time, and a damaged or
-malformed file says which entry is wrong and what to do.
-
-`load_course_data` loads the data COURSE_DATASET names (exercise 7.3): "book" (the
-book's 1,100 entries, the default), "alpaca" (Stanford Alpaca, 52,002 entries) or a
-path or http(s) URL of a JSON file in the same instruction/input/output format. It
-drops exact repeats of an entry (so no entry can land in two splits), takes the
-reproducible random subset of COURSE_DATA_LIMIT entries, and checks that enough is
-left for the split and one training batch.
-
-The split is saved per dataset with a fingerprint of the entries it was cut from, so
-that later notebooks notice when the data has changed since.
+"""The dataset files: which data (COURSE_DATASET), its download checked against a SHA-256,
+validation that names the wrong entry, and the saved split with its fingerprint. Used by
+notebook 01 (which writes the split), the notebooks that read it, and course.finetune.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""Robust file downloads: resumed `.part` files, size and time limits, clear errors.
-
-Used by `course.gpt2_files` (GPT-2's checkpoints, notebook 04) and `course.data`
-(the instruction data, notebook 01); `describe_network_error` names the usual fix.
+"""Robust file downloads: resumed `.part` files, size and time limits, and network
+errors explained with the usual fix. Used by `course.gpt2_files` (GPT-2's checkpoints,
+notebook 04) and `course.data` (the instruction data, notebook 01).
 """
 
 from __future__ import annotations
