@@ -6,6 +6,7 @@ tensors are helpers.custom_collate_fn(batch, mask_instructions=True)'s.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from .prompt_style import PHI3_ENTRIES
@@ -69,13 +70,22 @@ class _Case:
         return text + "".join(f", {key}={value!r}" for key, value in self.kwargs.items())
 
 
-def _masking_cases() -> list[_Case]:
-    """The batches the check collates, each with its expected tensors."""
+@functools.lru_cache(maxsize=1)
+def _real_items() -> tuple:
+    """REAL_MASKING_ENTRIES as InstructionDataset(..., with_instruction_length=True) items."""
     import helpers
 
     dataset = helpers.InstructionDataset(
         list(REAL_MASKING_ENTRIES), helpers.get_tokenizer(), with_instruction_length=True
     )
+    return tuple((length, tuple(ids)) for length, ids in (dataset[i] for i in range(len(dataset))))
+
+
+def _masking_cases() -> list[_Case]:
+    """The batches the check collates, each with its expected tensors."""
+    import helpers
+
+    real = [(length, list(ids)) for length, ids in _real_items()]  # fresh lists every time
     toy = [(length, list(ids)) for length, ids in TOY_MASKING_BATCH]
     cases = [
         _Case("the toy batch", toy),
@@ -85,7 +95,7 @@ def _masking_cases() -> list[_Case]:
             shape_hint=LONGEST_NOT_FIRST,
             error_hint=f"the function raised an error; {LONGEST_NOT_FIRST}",
         ),
-        _Case("a batch of three real entries", [dataset[i] for i in range(len(dataset))]),
+        _Case("a batch of three real entries", real),
         _Case(
             "the toy batch",
             toy,
