@@ -559,3 +559,64 @@ def test_7_2_once_right_the_notebook_runs_the_students_collate(masking_cells):
     assert chosen.by == (
         "the course's solution, helpers.custom_collate_fn (exercise 7.2: not attempted yet)"
     )
+
+
+# -- the student's code runs the notebook ---------------------------------------------
+
+
+def run_with_solution(path: Path, name: str) -> list:
+    """Run notebook `path` with its scaffold for `name` replaced by the folded solution."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    scaffold, solution = notebook_code(path, name)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and cell.source == scaffold:
+            cell.source = solution
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
+    return nb.cells
+
+
+def cell_text(cell) -> str:
+    return "".join(
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in cell.outputs
+    )
+
+
+def output_of(cells, start: str) -> str:
+    """The text output of the one code cell whose source starts with `start`."""
+    found = [cell_text(c) for c in cells if c.cell_type == "code" and c.source.startswith(start)]
+    assert len(found) == 1, start
+    return found[0]
+
+
+def test_with_the_solutions_pasted_in_notebooks_01_and_02_run_the_students_code(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("COURSE_ARTIFACTS", str(tmp_path / "artifacts"))
+    for name in ("COURSE_DATASET", "COURSE_DATA_LIMIT", "COURSE_PROMPT_STYLE"):
+        monkeypatch.delenv(name, raising=False)
+    stored01 = nbformat.read(NB01, as_version=4).cells
+    cells = run_with_solution(NB01, "format_input_phi3")
+    assert output_of(cells, "import course.exercises").startswith("Exercise 7.1: right.")
+    examples = output_of(cells, "import textwrap")
+    assert examples.startswith(
+        "Phi-3 column formatted by your format_input_phi3 and format_response_phi3\n"
+    )
+    # the student's functions give the very texts the course's solution gave
+    course_examples = output_of(stored01, "import textwrap")
+    assert examples.split("\n", 1)[1] == course_examples.split("\n", 1)[1]
+    extraction = output_of(cells, "entry = data[with_input]")
+    assert "Extracted by your extract_response_phi3:\n" in extraction
+    lengths = output_of(cells, "formatters = {")
+    assert lengths.startswith("Phi-3 texts formatted by your format_input_phi3")
+    assert "phi3:  38.9 tokens per entry on average, 42,800 in all" in lengths
+
+    cells = run_with_solution(NB02, "custom_collate_with_masking")
+    assert output_of(cells, "import course.exercises").startswith("Exercise 7.2: right.")
+    picture = output_of(cells, "PROMPT, RESPONSE, END")
+    assert "masked targets made by your custom_collate_with_masking\n" in picture
+    stored = output_of(nbformat.read(NB02, as_version=4).cells, "PROMPT, RESPONSE, END")
+    assert picture.split("\n")[2:] == stored.split("\n")[2:]  # the same counts

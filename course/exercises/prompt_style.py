@@ -168,15 +168,10 @@ def _generated_texts(entry: dict) -> list[tuple[str, str]]:
     ]
 
 
-def check_phi3_style(format_input_phi3, format_response_phi3, extract_response_phi3) -> Result:
-    """Exercise 7.1, the three parts of the book's solution, against helpers' "phi3" style.
-
-    The prompt (helpers.format_input), the response template (helpers.format_response)
-    and the extraction of a generated response (helpers.extract_response).
-    """
+def _phi3_parts(format_input_phi3, format_response_phi3, extract_response_phi3) -> list[_Part]:
+    """The three parts of exercise 7.1, each with its cases and expected texts."""
     import helpers
 
-    # every expected text first: nothing the student's code changes can alter them
     prompts = [((e,), repr(e), helpers.format_input(e, "phi3")) for e in PHI3_ENTRIES]
     responses = [((e,), repr(e), helpers.format_response(e, "phi3")) for e in PHI3_ENTRIES]
     extractions = [
@@ -213,6 +208,17 @@ def check_phi3_style(format_input_phi3, format_response_phi3, extract_response_p
             "with generated_text[len(input_text):], then remove the marker with .replace().",
         ),
     ]
+    return parts
+
+
+def check_phi3_style(format_input_phi3, format_response_phi3, extract_response_phi3) -> Result:
+    """Exercise 7.1, the three parts of the book's solution, against helpers' "phi3" style.
+
+    The prompt (helpers.format_input), the response template (helpers.format_response)
+    and the extraction of a generated response (helpers.extract_response).
+    """
+    # every expected text first: nothing the student's code changes can alter them
+    parts = _phi3_parts(format_input_phi3, format_response_phi3, extract_response_phi3)
     for part in parts:
         problem = _check_part(part)
         if problem is not None:
@@ -223,7 +229,7 @@ def check_phi3_style(format_input_phi3, format_response_phi3, extract_response_p
         f"{len(PHI3_ENTRIES)} entries ({with_input} with an input, one of them on two lines; "
         f"{len(PHI3_ENTRIES) - with_input} without) give the very prompts and responses of "
         'helpers.format_input(entry, "phi3") and helpers.format_response(entry, "phi3"), '
-        f"each entry left as it was; {len(extractions)} generated texts give the responses "
+        f"each entry left as it was; {len(parts[2].cases)} generated texts give the responses "
         'of helpers.extract_response(generated_text, input_text, "phi3").',
     )
 
