@@ -135,24 +135,25 @@ def get_tokenizer(files_dir=TOKENIZER_DIR):
 class InstructionDataset(Dataset):
     """Listing 7.4: pretokenizes every entry as prompt + response.
 
-    With `with_prompt_length=True` an item is `(token_ids, prompt_length)`, which
-    `custom_collate_fn(..., mask_instructions=True)` needs (exercise 7.2).
+    With `with_instruction_length=True` an item is `(instruction_length, token_ids)`,
+    as in the book's solution to exercise 7.2, for `custom_collate_fn(...,
+    mask_instructions=True)`; the lengths are in `instruction_lengths`.
     """
 
-    def __init__(self, data, tokenizer, style="alpaca", with_prompt_length=False):
+    def __init__(self, data, tokenizer, style="alpaca", with_instruction_length=False):
         self.data = data
-        self.with_prompt_length = with_prompt_length
+        self.with_instruction_length = with_instruction_length
         self.encoded_texts = []
-        self.prompt_lengths = []
+        self.instruction_lengths = []  # tokens of each prompt (instruction and input)
         for entry in data:
             instruction_plus_input = format_input(entry, style)
             full_text = instruction_plus_input + format_response(entry, style)
             self.encoded_texts.append(tokenizer.encode(full_text))
-            self.prompt_lengths.append(len(tokenizer.encode(instruction_plus_input)))
+            self.instruction_lengths.append(len(tokenizer.encode(instruction_plus_input)))
 
     def __getitem__(self, index):
-        if self.with_prompt_length:
-            return self.encoded_texts[index], self.prompt_lengths[index]
+        if self.with_instruction_length:
+            return self.instruction_lengths[index], self.encoded_texts[index]
         return self.encoded_texts[index]
 
     def __len__(self):
@@ -172,19 +173,19 @@ def custom_collate_fn(
     Returns inputs and targets, both (batch, longest item + 1 - 1). Every item gets
     one <|endoftext|> token that stays in its targets (so the model learns to stop);
     further padding becomes `ignore_index`. With `mask_instructions=True` (exercise
-    7.2) the items are `(token_ids, prompt_length)` and the prompt is hidden too.
+    7.2) the items are `(instruction_length, token_ids)` and the prompt is hidden too.
     """
     if mask_instructions and not all(isinstance(item, tuple) for item in batch):
         raise ValueError(
-            "mask_instructions=True needs (token_ids, prompt_length) items: build the "
-            "dataset with InstructionDataset(..., with_prompt_length=True)."
+            "mask_instructions=True needs (instruction_length, token_ids) items: build the "
+            "dataset with InstructionDataset(..., with_instruction_length=True)."
         )
-    items = [item if isinstance(item, tuple) else (item, 0) for item in batch]
-    batch_max_length = max(len(token_ids) + 1 for token_ids, _ in items)
+    items = [item if isinstance(item, tuple) else (0, item) for item in batch]
+    batch_max_length = max(len(item) + 1 for _, item in items)
 
     inputs_lst, targets_lst = [], []
-    for token_ids, prompt_length in items:
-        new_item = list(token_ids) + [pad_token_id]
+    for instruction_length, item in items:
+        new_item = list(item) + [pad_token_id]  # a new list: the dataset's stays as it is
         padded = new_item + [pad_token_id] * (batch_max_length - len(new_item))
         inputs = torch.tensor(padded[:-1])  # (batch_max_length - 1,)
         targets = torch.tensor(padded[1:])  # the inputs shifted by one position
@@ -193,8 +194,8 @@ def custom_collate_fn(
         indices = torch.nonzero(targets == pad_token_id).squeeze()
         if indices.numel() > 1:
             targets[indices[1:]] = ignore_index
-        if mask_instructions and prompt_length > 1:
-            targets[: prompt_length - 1] = ignore_index  # targets that are prompt tokens
+        if mask_instructions and instruction_length > 1:
+            targets[: instruction_length - 1] = ignore_index  # targets that are prompt tokens
 
         if allowed_max_length is not None:
             inputs = inputs[:allowed_max_length]

@@ -464,7 +464,10 @@ def run(args: argparse.Namespace, processes: Processes) -> int:
 
     def make_loader(entries, shuffle):
         dataset = helpers.InstructionDataset(
-            entries, tokenizer, style=p["PROMPT_STYLE"], with_prompt_length=p["MASK_INSTRUCTIONS"]
+            entries,
+            tokenizer,
+            style=p["PROMPT_STYLE"],
+            with_instruction_length=p["MASK_INSTRUCTIONS"],
         )
         batches = ShardedBatches(len(dataset), p["BATCH_SIZE"], processes.rank, world, shuffle)
         return DataLoader(

@@ -87,58 +87,73 @@ def test_instruction_dataset_items(tokenizer, data):
     assert tokenizer.decode(phi3[0]).startswith("<|user|>\n")
 
 
-def test_instruction_dataset_prompt_lengths(tokenizer, data):
+def test_instruction_dataset_instruction_lengths(tokenizer, data):
     entries = data[:4]
-    dataset = helpers.InstructionDataset(entries, tokenizer, with_prompt_length=True)
+    dataset = helpers.InstructionDataset(entries, tokenizer, with_instruction_length=True)
     for i, entry in enumerate(entries):
-        ids, prompt_length = dataset[i]
-        assert prompt_length == len(tokenizer.encode(helpers.format_input(entry)))
+        # the book's order (its solution to exercise 7.2): the length first
+        instruction_length, ids = dataset[i]
+        assert instruction_length == len(tokenizer.encode(helpers.format_input(entry)))
+        assert dataset.instruction_lengths[i] == instruction_length
+        assert ids is dataset.encoded_texts[i]
         # the prompt's tokens are the first tokens of the whole text
-        assert tokenizer.decode(ids[:prompt_length]) == helpers.format_input(entry)
-        assert tokenizer.decode(ids[prompt_length:]) == helpers.format_response(entry)
+        assert tokenizer.decode(ids[:instruction_length]) == helpers.format_input(entry)
+        assert tokenizer.decode(ids[instruction_length:]) == helpers.format_response(entry)
+    plain = helpers.InstructionDataset(entries, tokenizer)
+    assert plain[0] == dataset[0][1]
+    assert plain.instruction_lengths == dataset.instruction_lengths
 
 
 def test_instruction_masking(tokenizer, data):
     entries = data[:3]
-    dataset = helpers.InstructionDataset(entries, tokenizer, with_prompt_length=True)
+    dataset = helpers.InstructionDataset(entries, tokenizer, with_instruction_length=True)
     batch = [dataset[i] for i in range(len(dataset))]
     inputs, targets = helpers.custom_collate_fn(batch, mask_instructions=True)
-    unmasked_inputs, unmasked_targets = helpers.custom_collate_fn([ids for ids, _ in batch])
+    unmasked_inputs, unmasked_targets = helpers.custom_collate_fn([ids for _, ids in batch])
     assert inputs.tolist() == unmasked_inputs.tolist()
 
     width = inputs.shape[1]
-    for row, (ids, prompt_length) in enumerate(batch):
+    for row, (instruction_length, ids) in enumerate(batch):
         n = len(ids)
         expected = (
-            [-100] * (prompt_length - 1)  # targets that are prompt tokens
-            + ids[prompt_length:]  # the response, from its first token
+            [-100] * (instruction_length - 1)  # targets that are prompt tokens
+            + ids[instruction_length:]  # the response, from its first token
             + [PAD]  # the end-of-text the model must learn
             + [-100] * (width - n)  # padding
         )
         assert targets[row].tolist() == expected
         # the first response token is predicted from the prompt's last token
-        assert targets[row, prompt_length - 1].item() == ids[prompt_length]
+        assert targets[row, instruction_length - 1].item() == ids[instruction_length]
         assert unmasked_targets[row, : n - 1].tolist() == ids[1:]
 
 
 def test_instruction_masking_by_hand():
     # prompt of 3 tokens [1, 2, 3], response [4, 5]
-    inputs, targets = helpers.custom_collate_fn(
-        [([1, 2, 3, 4, 5], 3), ([6, 7, 8], 2)], mask_instructions=True
-    )
+    batch = [(3, [1, 2, 3, 4, 5]), (2, [6, 7, 8])]
+    inputs, targets = helpers.custom_collate_fn(batch, mask_instructions=True)
     assert inputs.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, PAD, PAD]]
     assert targets.tolist() == [[-100, -100, 4, 5, PAD], [-100, 8, PAD, -100, -100]]
+    assert inputs.dtype == targets.dtype == torch.long
+    assert batch == [(3, [1, 2, 3, 4, 5]), (2, [6, 7, 8])]  # the dataset's lists stay as they are
+
+
+def test_instruction_masking_when_the_longest_row_is_not_the_first():
+    inputs, targets = helpers.custom_collate_fn(
+        [(2, [6, 7, 8]), (3, [1, 2, 3, 4, 5])], mask_instructions=True
+    )
+    assert inputs.tolist() == [[6, 7, 8, PAD, PAD], [1, 2, 3, 4, 5]]
+    assert targets.tolist() == [[-100, 8, PAD, -100, -100], [-100, -100, 4, 5, PAD]]
 
 
 def test_masking_with_truncation():
     _, targets = helpers.custom_collate_fn(
-        [([1, 2, 3, 4, 5], 3)], mask_instructions=True, allowed_max_length=3
+        [(3, [1, 2, 3, 4, 5])], mask_instructions=True, allowed_max_length=3
     )
     assert targets.tolist() == [[-100, -100, 4]]
 
 
-def test_masking_needs_prompt_lengths(tokenizer, data):
-    with pytest.raises(ValueError, match="with_prompt_length=True"):
+def test_masking_needs_instruction_lengths(tokenizer, data):
+    with pytest.raises(ValueError, match="with_instruction_length=True"):
         helpers.custom_collate_fn(TOY_BATCH, mask_instructions=True)
     dataset = helpers.InstructionDataset(data[:2], tokenizer)
     with pytest.raises(ValueError, match="InstructionDataset"):
@@ -146,7 +161,7 @@ def test_masking_needs_prompt_lengths(tokenizer, data):
 
 
 def test_data_loader_with_partial(tokenizer, data):
-    dataset = helpers.InstructionDataset(data[:5], tokenizer, with_prompt_length=True)
+    dataset = helpers.InstructionDataset(data[:5], tokenizer, with_instruction_length=True)
     collate = partial(helpers.custom_collate_fn, mask_instructions=True, allowed_max_length=1024)
     loader = DataLoader(dataset, batch_size=2, shuffle=False, collate_fn=collate)
     batches = list(loader)
@@ -156,6 +171,6 @@ def test_data_loader_with_partial(tokenizer, data):
         assert (targets[:, 0] == -100).all()  # every prompt is longer than one token
     assert [inputs.shape[0] for inputs, _ in batches] == [2, 2, 1]
     # without masking, tuples are accepted too and give the unmasked targets
-    ids, _ = dataset[0]
+    _, ids = dataset[0]
     _, plain_targets = helpers.custom_collate_fn([dataset[0]])
     assert plain_targets[0].tolist() == ids[1:] + [PAD]

@@ -104,7 +104,7 @@ def book_new_tokens(model, prompt, max_new_tokens, context_size, eos_id=None):
 def training_batch(mask_instructions: bool):
     tokenizer = helpers.get_tokenizer()
     data = json.loads(DATA_FILE.read_text(encoding="utf-8"))
-    dataset = helpers.InstructionDataset(data[:8], tokenizer, with_prompt_length=True)
+    dataset = helpers.InstructionDataset(data[:8], tokenizer, with_instruction_length=True)
     batch = [dataset[i] for i in range(8)]
     return helpers.custom_collate_fn(batch, mask_instructions=mask_instructions)
 

@@ -40,7 +40,7 @@ def setup(entries, tokenizer, mask):
     )
 
     def loader(data, shuffle):
-        dataset = helpers.InstructionDataset(data, tokenizer, with_prompt_length=mask)
+        dataset = helpers.InstructionDataset(data, tokenizer, with_instruction_length=mask)
         return DataLoader(
             dataset, batch_size=8, collate_fn=collate, shuffle=shuffle, drop_last=shuffle
         )

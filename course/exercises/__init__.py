@@ -14,24 +14,30 @@ concrete inputs against the book's behaviour (the course's own solution in
 - what was checked, when it is right.
 
 Printing a `Result` shows that message; `result.status` is "not attempted",
-"wrong" or "right", for tests and for `run_course.py`.
+"wrong" or "right", for tests and for `run_course.py`. Once a check says right, the
+notebook goes on with the student's code (`choose`, `phi3_style`), else with the
+course's solution, and its output says whose code ran.
 """
 
 from .lora import GPT2_MEDIUM_LORA_PARAMETERS, TINY_GPT_CONFIG, check_lora
 from .masking import check_instruction_masking
-from .prompt_style import PHI3_ENTRIES, check_format_input_phi3
-from .results import NOT_ATTEMPTED, Result, not_attempted, right, wrong
+from .prompt_style import PHI3_ENTRIES, Phi3Style, check_phi3_style, phi3_style
+from .results import NOT_ATTEMPTED, Choice, Result, choose, not_attempted, right, wrong
 
 __all__ = [
     "GPT2_MEDIUM_LORA_PARAMETERS",
     "NOT_ATTEMPTED",
     "PHI3_ENTRIES",
     "TINY_GPT_CONFIG",
+    "Choice",
+    "Phi3Style",
     "Result",
-    "check_format_input_phi3",
     "check_instruction_masking",
     "check_lora",
+    "check_phi3_style",
+    "choose",
     "not_attempted",
+    "phi3_style",
     "right",
     "wrong",
 ]
