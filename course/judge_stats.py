@@ -1,15 +1,53 @@
 """Statistics for judging a judge: rank agreement, paired intervals, length and position bias.
 
 Notebook 12 (bonus) and `course.judge_check` use these on two real judges' shipped
-scores and on a live judge's verdicts; the correlations and tests come from scipy.stats.
+scores (`load_judge_scores`) and on a live judge's verdicts, with scipy.stats.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
+
+# judge-scores/: the book's bonus material on model evaluation, as published
+JUDGE_SCORES_SHA256 = {
+    "eval-example-data.json": "90e9ceb4f1184f6b307fd76d0dd1e8b15bd3da200b1fc69ee897107394a775e0",
+    "gpt4-model-1-response.json": "705f24bf17878d5e29c5cb2daeae00a64a1688756192478f91f41bf1eff85689",
+    "gpt4-model-2-response.json": "2b10d2abdf1f71f4f8057c012be2bf6c777823adbadb597f4d1699e06129db5a",
+    "llama3-8b-model-1-response.json": "a6005211110bf3d9e30dbdb17638a1918004bc490c85b0b3520798a31d7fa5a4",
+    "llama3-8b-model-2-response.json": "18e501530c56085aca3e6c2d7da39edc03fd85fe205f17a65ab1a400c6d61125",
+}
+
+
+def load_judge_scores(folder: str | Path) -> dict:
+    """The shipped files of `folder` (judge-scores/) by name, each checked against its SHA-256.
+
+    A missing or changed file raises ArtifactError naming it and how to restore it.
+    """
+    from course.artifacts import ArtifactError
+
+    loaded = {}
+    for name, expected in JUDGE_SCORES_SHA256.items():
+        path = Path(folder) / name
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror})"
+        else:
+            if hashlib.sha256(data).hexdigest() == expected:
+                loaded[name] = json.loads(data.decode("utf-8"))
+                continue
+            problem = "is not the shipped file (its SHA-256 differs: damaged or edited)"
+        raise ArtifactError(
+            f"judge-scores/{name} {problem}. Restore it with `git checkout -- "
+            f"judge-scores/{name}` (or download the course again); nothing was changed."
+        )
+    return loaded
 
 
 def _number(value: float) -> float | None:

@@ -76,6 +76,13 @@ def test_helpers_knows_the_dataset_sum():
     assert DATA_SHA256 == EXPECTED_SHA256["instruction-data.json"]
 
 
+def test_notebook_12_checks_the_judge_scores_against_the_same_sums():
+    from course.judge_stats import JUDGE_SCORES_SHA256
+
+    shipped = {k: v for k, v in EXPECTED_SHA256.items() if k.startswith("judge-scores/")}
+    assert {f"judge-scores/{k}": v for k, v in JUDGE_SCORES_SHA256.items()} == shipped
+
+
 def test_book_reference_responses_are_the_test_split(data):
     reference = json.loads((ROOT / "book-reference-responses.json").read_text(encoding="utf-8"))
     _, _, test_data = helpers.split_data(data)

@@ -68,6 +68,22 @@ def test_the_shipped_scores_give_the_books_correlations():
     assert round(agreement["kendall"], 5) == 0.57292
 
 
+def test_a_damaged_shipped_file_is_named_with_its_fix(tmp_path):
+    import shutil
+
+    from course.artifacts import ArtifactError
+
+    shutil.copytree(SCORES, tmp_path / "judge-scores")
+    assert judge_stats.load_judge_scores(tmp_path / "judge-scores")["gpt4-model-1-response.json"]
+    damaged = tmp_path / "judge-scores" / "gpt4-model-2-response.json"
+    damaged.write_bytes(damaged.read_bytes()[:-10])  # cut short, as a broken download is
+    with pytest.raises(ArtifactError, match="gpt4-model-2-response.json is not the shipped file"):
+        judge_stats.load_judge_scores(tmp_path / "judge-scores")
+    damaged.unlink()
+    with pytest.raises(ArtifactError, match="git checkout -- judge-scores/gpt4-model-2"):
+        judge_stats.load_judge_scores(tmp_path / "judge-scores")
+
+
 def test_the_llama_file_of_model_2_has_lost_an_entry():
     assert len(shipped("eval-example-data.json")) == 100
     assert len(shipped("llama3-8b-model-2-response.json")) == 99
