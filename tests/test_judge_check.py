@@ -244,7 +244,7 @@ def test_a_killed_check_continues_where_it_stopped(tmp_path):
     yours, book = two_models(20)
     path = tmp_path / "run-judge-check-llama3.json"
     with OllamaStandIn() as judge:
-        judge.set_fault("slow", delay=0.05)  # every answer takes a moment
+        judge.set_fault("slow", delay=0.1)  # every answer takes a moment (12 s for all 120)
         process = subprocess.Popen(
             [sys.executable, "-c", KILLED_RUN, str(ROOT), str(path), judge.url],
             env={**os.environ, "PYTHONPATH": str(ROOT)},
