@@ -5,7 +5,7 @@
     python run_course.py --model gpt2-small --epochs 1
     python run_course.py --from 05            # continue from notebook 05
     python run_course.py --only 09            # just one (or a few: --only 07,08)
-    python run_course.py --bonus              # 01-09, then the bonus notebooks 10 (DPO) and 11
+    python run_course.py --bonus              # 01-09, then the bonus notebooks 10 (DPO), 11 and 12
     python run_course.py --only 11            # only one bonus notebook (11: export to GGUF, Ollama)
 
 Each option sets the COURSE_* environment variable that the notebooks' parameters
@@ -43,9 +43,9 @@ from course import artifacts, settings
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
-BONUS = ("10", "11")  # notebooks that run only when asked: --bonus, or --only 10 / 11
+BONUS = ("10", "11", "12")  # run only when asked: --bonus, or --only 10 / 11 / 12
 WEIGHT_NOTEBOOKS = ("04_", "05_")  # the notebooks that load pretrained GPT-2 weights
-SCORING_NOTEBOOK = "09_"
+SCORING_NOTEBOOK = ("09_", "12_")  # the notebooks that ask the judge
 
 # command-line option -> environment variable of the parameters cell
 OPTIONS = settings.COMMAND_LINE_OPTIONS
@@ -65,7 +65,7 @@ def select_notebooks(
 ) -> list[Path]:
     """The notebooks `--only` (numbers or names) or `--from` asks for.
 
-    The bonus notebooks (10, 11) run only with `bonus` or when `--only` names them.
+    The bonus notebooks (10, 11, 12) run only with `bonus` or when `--only` names them.
     """
     available = ", ".join(_number(p) for p in notebooks) or "none"
     selected = [p for p in notebooks if bonus or _number(p) not in BONUS]
@@ -518,7 +518,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--bonus",
         action="store_true",
-        help="after 09, run the bonus notebooks 10 (DPO) and 11 (export to GGUF and Ollama)",
+        help="after 09, run the bonus notebooks 10 (DPO), 11 (GGUF, Ollama) and 12 (the judge)",
     )
     parser.add_argument(
         "--cell-timeout", type=int, default=None, help="seconds per cell (no limit)"

@@ -45,6 +45,7 @@ WRITTEN_BY = {
     "sft-gguf": "11_exporting_to_gguf_and_ollama",
     "dpo-gguf": "11_exporting_to_gguf_and_ollama",
     "modelfile": "11_exporting_to_gguf_and_ollama",
+    "judge-check": "12_can_you_trust_the_judge",
 }
 
 
@@ -148,6 +149,11 @@ def scores_path(stem: str, judge_model: str) -> Path:
     One file per judge, so switching judges keeps the other judges' scores.
     """
     return artifacts_dir() / f"{stem}-scores-{judge_slug(judge_model)}.json"
+
+
+def judge_check_path(stem: str, judge_model: str) -> Path:
+    """Notebook 12's record of checking one judge model on the responses of run `stem`."""
+    return artifacts_dir() / f"{stem}-judge-check-{judge_slug(judge_model)}.json"
 
 
 def path_for(kind: str, stem: str) -> Path:

@@ -35,7 +35,11 @@ STAGES = [
         ],
     ),
 ]
-BONUS = [(10, "Preference tuning\nwith DPO"), (11, "Take your\nmodel home")]
+BONUS = [
+    (10, "Preference tuning\nwith DPO"),
+    (11, "Take your\nmodel home"),
+    (12, "Can you trust\nthe judge?"),
+]
 STEPS = {number: title for _, steps in STAGES for number, title in steps} | dict(BONUS)
 
 HERE_COLOUR, DONE_COLOUR, LATER_COLOUR = "#f4a261", "#a8dadc", "#f1faee"
@@ -53,7 +57,9 @@ def state(step: int, notebook: int) -> str:
 def draw(notebook: int):
     """Draw the roadmap with `notebook`'s step marked; returns the matplotlib figure."""
     if notebook not in STEPS:
-        raise ValueError(f"There is no notebook {notebook}: the course has notebooks 1 to 11.")
+        raise ValueError(
+            f"There is no notebook {notebook}: the course has notebooks 1 to {max(STEPS)}."
+        )
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyBboxPatch
 
@@ -112,13 +118,13 @@ def draw(notebook: int):
     ax.text(10.6, 2.6, "Bonus", ha="center", va="center", fontsize=10, fontweight="bold")
     for i, (number, title) in enumerate(BONUS):
         where = state(number, notebook)
-        y = 1.55 - i * 0.95
-        box(10.0, y, 1.2, 0.8, f"{number} {title}", colours[where], bold=where == "here", size=7)
+        y = 1.85 - i * 0.72
+        box(10.0, y, 1.2, 0.62, f"{number} {title}", colours[where], bold=where == "here", size=7)
         if where == "here":
             ax.annotate(
                 "you are here",
-                (11.22, y + 0.4),
-                (11.45, y + 0.4),
+                (11.22, y + 0.31),
+                (11.45, y + 0.31),
                 ha="left",
                 va="center",
                 fontsize=9,

@@ -28,6 +28,14 @@ the model response and the correct output. Other prompts get a fixed sentence. I
 model's digest is the SHA-256 of "course stand-in judge", the digest of no real model.
 The course treats it like any Ollama server (the tests set COURSE_JUDGE_RUNS=1).
 
+It also answers the two prompts of notebook 12 (`course.judge_check`): a pairwise
+prompt (two answers, A and B, and the correct output) with MT-Bench's verdict format,
+`[[A]]`, `[[B]]` or `[[C]]` for a tie (the answer with the larger word overlap wins;
+equal overlaps tie), and the 1-5 rubric prompt (1 + round(4 x overlap)). `bias`
+(or `set_bias`) makes it a judge with a known flaw, for tests that must catch it:
+"first" always prefers the answer shown first ("[[A]]"); "length" prefers the longer
+answer and scores by length alone (0-100 and 1-5 rise with the number of words).
+
 A real judge's scores vary a little between runs; `noise=n` (or `set_noise(n)`) makes
 the stand-in's do too, reproducibly: the score moves by `noise_offset(seed, prompt, n)`,
 an offset from -n to n taken from the SHA-256 of the request's `options.seed` and the
@@ -120,6 +128,19 @@ _JUDGE_PROMPT = re.compile(
 )
 
 
+_RUBRIC_PROMPT = re.compile(
+    r"Given the input `(?P<input>.*)` and correct output `(?P<output>.*)`, "
+    r"rate the model response `(?P<response>.*)` on this scale",
+    re.DOTALL,
+)
+_PAIRWISE_PROMPT = re.compile(
+    r"\[Correct output\]\n(?P<output>.*)\n\[The start of answer A\]\n(?P<a>.*)\n"
+    r"\[The end of answer A\]\n\[The start of answer B\]\n(?P<b>.*)\n\[The end of answer B\]",
+    re.DOTALL,
+)
+BIASES = ("first", "length")
+
+
 def overlap_f1(response: str, reference: str) -> float:
     """F1 of the words (lower case, letters and digits) shared by two texts."""
     response_words = re.findall(r"\w+", response.lower())
@@ -142,11 +163,43 @@ def noise_offset(seed, prompt: str, noise: int) -> int:
     return int(digest, 16) % (2 * noise + 1) - noise
 
 
-def judge_reply(prompt: str, seed=None, noise: int = 0) -> str:
-    """What the stand-in answers to a prompt: the overlap score for the judge prompt."""
+def length_share(text: str) -> float:
+    """A number from 0 to 1 that grows with the words of `text`: the length judge's score."""
+    words = len(text.split())
+    return words / (words + 20)
+
+
+def pairwise_reply(match: re.Match, bias: str | None) -> str:
+    """The verdict on a pairwise prompt: "[[A]]", "[[B]]" or "[[C]]", with a reason."""
+    if bias == "first":
+        return "Answer A is better. [[A]]"
+    if bias == "length":
+        a, b = len(match["a"].split()), len(match["b"].split())
+        reason = "Answer A is longer" if a > b else "Answer B is longer" if b > a else "Same length"
+    else:
+        a, b = overlap_f1(match["a"], match["output"]), overlap_f1(match["b"], match["output"])
+        a, b = round(a, 2), round(b, 2)
+        reason = f"Word overlap with the correct output: A {a:.2f}, B {b:.2f}"
+    verdict = "A" if a > b else "B" if b > a else "C"
+    return f"{reason}. [[{verdict}]]"
+
+
+def judge_reply(prompt: str, seed=None, noise: int = 0, bias: str | None = None) -> str:
+    """What the stand-in answers to a prompt: a score, a rubric level or a verdict."""
+    pair = _PAIRWISE_PROMPT.search(prompt)
+    if pair is not None:
+        return pairwise_reply(pair, bias)
+    rubric = _RUBRIC_PROMPT.search(prompt)
+    if rubric is not None:
+        share = length_share(rubric["response"]) if bias == "length" else None
+        if share is None:
+            share = overlap_f1(rubric["response"], rubric["output"])
+        return str(1 + round(4 * share))
     match = _JUDGE_PROMPT.search(prompt)
     if match is None:
         return OTHER_PROMPT_REPLY
+    if bias == "length":
+        return str(round(100 * length_share(match["response"])))
     score = round(100 * overlap_f1(match["response"], match["output"]))
     if noise:
         score = min(100, max(0, score + noise_offset(seed, prompt, noise)))
@@ -406,7 +459,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif model in owner.created:
             reply = CREATED_MODEL_REPLY
         else:
-            reply = judge_reply(prompt, seed, owner.noise)
+            reply = judge_reply(prompt, seed, owner.noise, owner.bias)
         final = {
             "done_reason": "stop",
             "done": True,
@@ -474,7 +527,9 @@ class OllamaStandIn:
         models: list[dict] | None = None,
         version: str = VERSION,
         noise: int = 0,
+        bias: str | None = None,
     ):
+        self.set_bias(bias)
         self.models = [dict(m) for m in (MODELS if models is None else models)]
         self.version = version
         self.noise = noise
@@ -537,6 +592,12 @@ class OllamaStandIn:
         if noise < 0:
             raise ValueError("noise must be 0 or more")
         self.noise = noise
+
+    def set_bias(self, bias: str | None) -> None:
+        """Judge with a known flaw: "first" (the first-shown answer), "length", or None."""
+        if bias is not None and bias not in BIASES:
+            raise ValueError(f"unknown bias {bias!r}: use one of {', '.join(BIASES)} or None")
+        self.bias = bias
 
     def take_fault(self, endpoint: str) -> tuple[str | None, float, int | None]:
         """The fault for this request of `endpoint` ("chat" or "version"), its delay and size."""
@@ -609,8 +670,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Serve the Ollama stand-in.")
     parser.add_argument("--port", type=int, default=11434)
     parser.add_argument("--noise", type=int, default=0, help="vary scores by up to this much")
+    parser.add_argument("--bias", choices=BIASES, help="a judge with this known flaw")
     args = parser.parse_args()
-    server = OllamaStandIn(port=args.port, noise=args.noise).start()
+    server = OllamaStandIn(port=args.port, noise=args.noise, bias=args.bias).start()
     print(f"Ollama stand-in at {server.url} (Ctrl+C stops it)")
     try:
         while True:

@@ -32,6 +32,12 @@ EXPECTED_SHA256 = {
     "book-reference-responses.json": "aced320504c77c98d957316eb9f3460945256226c36b5e9752bf7d49585eb943",
     "gpt2-tokenizer/encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "gpt2-tokenizer/vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    # two real judges' scores of the same responses (the book's bonus material, notebook 12)
+    "judge-scores/eval-example-data.json": "90e9ceb4f1184f6b307fd76d0dd1e8b15bd3da200b1fc69ee897107394a775e0",
+    "judge-scores/gpt4-model-1-response.json": "705f24bf17878d5e29c5cb2daeae00a64a1688756192478f91f41bf1eff85689",
+    "judge-scores/gpt4-model-2-response.json": "2b10d2abdf1f71f4f8057c012be2bf6c777823adbadb597f4d1699e06129db5a",
+    "judge-scores/llama3-8b-model-1-response.json": "a6005211110bf3d9e30dbdb17638a1918004bc490c85b0b3520798a31d7fa5a4",
+    "judge-scores/llama3-8b-model-2-response.json": "18e501530c56085aca3e6c2d7da39edc03fd85fe205f17a65ab1a400c6d61125",
 }
 
 ENTRY_WITH_INPUT = {
@@ -68,6 +74,13 @@ def test_shipped_file_sha256(name):
 
 def test_helpers_knows_the_dataset_sum():
     assert DATA_SHA256 == EXPECTED_SHA256["instruction-data.json"]
+
+
+def test_notebook_12_checks_the_judge_scores_against_the_same_sums():
+    from course.judge_stats import JUDGE_SCORES_SHA256
+
+    shipped = {k: v for k, v in EXPECTED_SHA256.items() if k.startswith("judge-scores/")}
+    assert {f"judge-scores/{k}": v for k, v in JUDGE_SCORES_SHA256.items()} == shipped
 
 
 def test_book_reference_responses_are_the_test_split(data):

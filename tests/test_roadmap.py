@@ -28,7 +28,7 @@ def _marked_step(fig) -> int:
     return number
 
 
-@pytest.mark.parametrize("notebook", range(1, 12))
+@pytest.mark.parametrize("notebook", range(1, 13))
 def test_the_roadmap_marks_the_notebooks_step(notebook):
     fig = roadmap.draw(notebook)
     try:
@@ -46,8 +46,8 @@ def test_steps_before_the_notebook_are_done_and_after_it_later():
 
 
 def test_a_notebook_the_course_does_not_have_is_refused():
-    with pytest.raises(ValueError, match="notebooks 1 to 11"):
-        roadmap.draw(12)
+    with pytest.raises(ValueError, match="notebooks 1 to 12"):
+        roadmap.draw(13)
 
 
 def test_every_notebook_shows_its_own_roadmap_in_its_introduction():

@@ -29,7 +29,7 @@ def source(cell: dict) -> str:
 
 
 def test_there_are_the_nine_notebooks_and_the_bonus():
-    assert [p.name[:2] for p in NOTEBOOKS] == [f"{n:02d}" for n in range(1, 12)]
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{n:02d}" for n in range(1, 13)]
 
 
 def plotting_cells(path: Path) -> list[tuple[int, dict]]:
