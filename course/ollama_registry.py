@@ -71,6 +71,8 @@ def _request(method, url, data=None, headers=None, max_seconds=CHECK_MAX_S, what
             body = b"".join(
                 judge.read_bounded(response, MAX_ANSWER_BYTES, deadline, PIECE_TIMEOUT_S)
             )
+            if time.monotonic() >= deadline:  # cut off by the deadline, not ended by Ollama
+                raise TimeoutError("the answer took longer than the time allowed")
             return response.status, body
     except urllib.error.HTTPError as exc:
         try:
