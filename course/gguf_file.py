@@ -2,10 +2,6 @@
 
 The book's GPTModel under llama.cpp's `gpt2` tensor names, its hyperparameters and the
 GPT-2 tokenizer, in f32, f16 or Q8_0; and the way back, for the notebook's checks.
-
-nn.Linear keeps its weight as (out, in), row-major. GGUF lists a tensor's sizes the
-other way round (innermost first), so that same array reads as {in, out} in GGUF: the
-layout llama.cpp's matrix products expect. No weight is transposed.
 """
 
 from __future__ import annotations
@@ -40,6 +36,9 @@ def tensor_name_map(n_layers: int) -> list[tuple[str, str]]:
 
     GGUF's `attn_qkv` is the three projections W_query, W_key and W_value stacked
     (queries first), so three of the book's parameters become one GGUF tensor.
+    nn.Linear keeps its weight as (out, in), row-major; GGUF lists sizes innermost
+    first, so the same array reads as {in, out}: the layout llama.cpp's matrix
+    products expect. No weight is transposed.
     """
     rows = [
         ("token_embd.weight", "tok_emb.weight"),

@@ -233,7 +233,10 @@ def test_the_streamed_chat_is_greedy_decoding(engines, model, prompts, tokenizer
 def test_rounded_files_keep_the_top_token(engines, model, prompts, tokenizer, kind, tolerance):
     for prompt in prompts:
         ids = tokenizer.encode(prompt)
-        ours, theirs = torch_logits(model, ids)[-1], llama_engine.llama_logits(engines[kind], ids)[-1]
+        ours, theirs = (
+            torch_logits(model, ids)[-1],
+            llama_engine.llama_logits(engines[kind], ids)[-1],
+        )
         assert ours.argmax() == theirs.argmax(), prompt[:40]
         assert relative_difference(ours, theirs) < tolerance
 
@@ -393,7 +396,9 @@ def test_create_rejects_what_ollama_rejects(ollama_standin):
 
 
 def test_registering_the_model_puts_it_beside_the_judge(ollama_standin, gguf_files):
-    statuses = ollama_registry.register_with_ollama(gguf_files["q8_0"], "course-offline", "alpaca", 1024)
+    statuses = ollama_registry.register_with_ollama(
+        gguf_files["q8_0"], "course-offline", "alpaca", 1024
+    )
     assert statuses[-1] == "success"
     sent = [r for r in ollama_standin.requests if r["path"] == "/api/create"][-1]["body"]
     assert sent["files"] == {
@@ -432,7 +437,9 @@ def test_the_ollama_check_tells_ollama_from_nothing_and_from_other_servers(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        assert ollama_registry.ollama_version(f"http://127.0.0.1:{server.server_address[1]}") is None
+        assert (
+            ollama_registry.ollama_version(f"http://127.0.0.1:{server.server_address[1]}") is None
+        )
     finally:
         server.shutdown()
         server.server_close()
