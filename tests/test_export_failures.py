@@ -103,10 +103,10 @@ def test_a_phi3_runs_gguf_loads_in_llama_cpp_and_gives_the_courses_greedy_tokens
     model = export.load_weights("offline", responses.weights_path(run["stem"], "sft"))
     cfg = settings.model_config("offline")
     path = gguf_file.write_gguf(model, cfg, folder / "run.gguf", "f32", name=export_stem)
+    llm = llama_engine.open_llama(path)  # llama.cpp refused a file named "...phi3..."
     meta = gguf_file.gguf_metadata(path)
     assert "phi3" not in meta["general.name"].lower()
     assert meta[gguf_file.RUN_KEY] == export_stem  # the file still records its run
-    llm = llama_engine.open_llama(path)
     prompt = helpers.format_input(
         {"instruction": "Name a color.", "input": ""}, "phi3"
     ) + helpers.format_response({"output": ""}, "phi3")
