@@ -32,7 +32,18 @@ import pytest
 import torch
 
 import helpers
-from course import artifacts, export, judge, lora, settings, speed, weights
+from course import (
+    artifacts,
+    export,
+    gguf_file,
+    judge,
+    llama_engine,
+    lora,
+    ollama_registry,
+    settings,
+    speed,
+    weights,
+)
 
 F32_TOLERANCE = 5e-3  # of the largest |logit|
 F16_TOLERANCE = 1e-2
@@ -61,8 +72,8 @@ def model(tmp_path_factory, cfg) -> helpers.GPTModel:
 def gguf_files(tmp_path_factory, model, cfg) -> dict:
     folder = tmp_path_factory.mktemp("gguf")
     return {
-        kind: export.write_gguf(model, cfg, folder / f"offline-{kind}.gguf", kind)
-        for kind in export.TYPES
+        kind: gguf_file.write_gguf(model, cfg, folder / f"offline-{kind}.gguf", kind)
+        for kind in gguf_file.TYPES
     }
 
 
@@ -70,7 +81,7 @@ def gguf_files(tmp_path_factory, model, cfg) -> dict:
 def engines(gguf_files) -> dict:
     """llama.cpp's model of each file, opened once."""
     return {
-        kind: export.open_llama(path, n_ctx=N_CTX, logits_all=True)
+        kind: llama_engine.open_llama(path, n_ctx=N_CTX, logits_all=True)
         for kind, path in gguf_files.items()
     }
 
@@ -108,7 +119,7 @@ def test_the_tensor_names_are_llama_cpps_gpt2_names_and_use_every_parameter(mode
         for b in range(cfg["n_layers"]):
             for suffix in (".weight", ".bias"):
                 allowed.add(TENSOR_NAMES[tensor].format(bid=b) + suffix)
-    rows = export.tensor_name_map(cfg["n_layers"])
+    rows = gguf_file.tensor_name_map(cfg["n_layers"])
     assert {name for name, _ in rows} <= allowed
     used = []
     for _, source in rows:
@@ -133,7 +144,7 @@ def test_the_file_holds_the_weights_in_pytorchs_layout_and_the_metadata(model, g
     assert shapes["blk.0.ffn_up.weight"] == [d, 4 * d]
     assert shapes["blk.0.ffn_down.weight"] == [4 * d, d]
     assert shapes["token_embd.weight"] == [d, cfg["vocab_size"]]
-    arrays = export.read_gguf_tensors(path)
+    arrays = gguf_file.read_gguf_tensors(path)
     att = model.trf_blocks[1].att
     qkv = arrays["blk.1.attn_qkv.weight"]
     assert np.array_equal(qkv[:d], att.W_query.weight.detach().numpy())
@@ -141,11 +152,11 @@ def test_the_file_holds_the_weights_in_pytorchs_layout_and_the_metadata(model, g
     assert np.array_equal(qkv[2 * d :], att.W_value.weight.detach().numpy())
     assert np.array_equal(arrays["output.weight"], model.out_head.weight.detach().numpy())
     # and back: the file's numbers are the model's, every one of them
-    back = export.state_dict_from_gguf(path, cfg["n_layers"])
+    back = gguf_file.state_dict_from_gguf(path, cfg["n_layers"])
     for key, value in model.state_dict().items():
         if not key.endswith(".att.mask"):
             assert torch.equal(back[key], value), key
-    meta = export.gguf_metadata(path)
+    meta = gguf_file.gguf_metadata(path)
     assert meta["general.architecture"] == "gpt2"
     assert meta["gpt2.block_count"] == cfg["n_layers"]
     assert meta["gpt2.attention.head_count"] == cfg["n_heads"]
@@ -163,7 +174,7 @@ def test_f16_and_q8_0_files_are_smaller_and_round_the_weights(gguf_files, model,
     assert sizes["q8_0"] < 0.65 * sizes["f16"]
     w = model.trf_blocks[0].ff.layers[0].weight.detach().numpy()
     for kind, bound in (("f16", 1e-3), ("q8_0", 1e-2)):
-        back = export.read_gguf_tensors(gguf_files[kind])["blk.0.ffn_up.weight"]
+        back = gguf_file.read_gguf_tensors(gguf_files[kind])["blk.0.ffn_up.weight"]
         error = np.abs(back - w).max() / np.abs(w).max()
         assert 0 < error < bound, (kind, error)
 
@@ -178,16 +189,16 @@ def test_llama_cpp_tokenizes_like_tiktoken(engines, prompts, tokenizer):
         "It's  double  spaced; don't ' stop'!",
     ]
     for text in texts:
-        assert export.llama_tokenize(llm, text) == tokenizer.encode(text), text
+        assert llama_engine.llama_tokenize(llm, text) == tokenizer.encode(text), text
     ids = tokenizer.encode("Hello<|endoftext|>", allowed_special={"<|endoftext|>"})
-    assert export.llama_tokenize(llm, "Hello<|endoftext|>") == ids
+    assert llama_engine.llama_tokenize(llm, "Hello<|endoftext|>") == ids
     assert ids[-1] == export.END_OF_TEXT_ID
 
 
 def test_f32_logits_match_the_book_model_at_every_position(engines, model, prompts, tokenizer):
     for prompt in prompts:
         ids = tokenizer.encode(prompt)
-        ours, theirs = torch_logits(model, ids), export.llama_logits(engines["f32"], ids)
+        ours, theirs = torch_logits(model, ids), llama_engine.llama_logits(engines["f32"], ids)
         assert relative_difference(ours, theirs) < F32_TOLERANCE, prompt[:40]
         assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
 
@@ -198,13 +209,13 @@ def test_f32_greedy_tokens_are_the_courses(engines, model, prompts, tokenizer, c
     book = helpers.generate(
         model, torch.tensor([first]), NEW_TOKENS, cfg["context_length"], eos_id=50256
     )[0, len(first) :].tolist()
-    assert export.llama_greedy(llm, first, NEW_TOKENS, eos_id=50256) == book
+    assert llama_engine.llama_greedy(llm, first, NEW_TOKENS, eos_id=50256) == book
     for prompt in prompts:
         ids = tokenizer.encode(prompt)
         fast = speed.generate_fast(
             model, torch.tensor([ids]), NEW_TOKENS, cfg["context_length"], eos_id=50256
         )[0, len(ids) :].tolist()
-        assert export.llama_greedy(llm, ids, NEW_TOKENS, eos_id=50256) == fast, prompt[:40]
+        assert llama_engine.llama_greedy(llm, ids, NEW_TOKENS, eos_id=50256) == fast, prompt[:40]
 
 
 def test_the_streamed_chat_is_greedy_decoding(engines, model, prompts, tokenizer, cfg):
@@ -213,7 +224,7 @@ def test_the_streamed_chat_is_greedy_decoding(engines, model, prompts, tokenizer
     tokens = speed.generate_fast(
         model, torch.tensor([ids]), NEW_TOKENS, cfg["context_length"], eos_id=50256
     )[0, len(ids) :].tolist()
-    pieces = list(export.chat_stream(llm, prompts[2], max_tokens=NEW_TOKENS, stop=[]))
+    pieces = list(llama_engine.chat_stream(llm, prompts[2], max_tokens=NEW_TOKENS, stop=[]))
     assert len(pieces) > 1  # streamed piece by piece
     assert "".join(pieces) == tokenizer.decode(tokens)
 
@@ -222,7 +233,10 @@ def test_the_streamed_chat_is_greedy_decoding(engines, model, prompts, tokenizer
 def test_rounded_files_keep_the_top_token(engines, model, prompts, tokenizer, kind, tolerance):
     for prompt in prompts:
         ids = tokenizer.encode(prompt)
-        ours, theirs = torch_logits(model, ids)[-1], export.llama_logits(engines[kind], ids)[-1]
+        ours, theirs = (
+            torch_logits(model, ids)[-1],
+            llama_engine.llama_logits(engines[kind], ids)[-1],
+        )
         assert ours.argmax() == theirs.argmax(), prompt[:40]
         assert relative_difference(ours, theirs) < tolerance
 
@@ -239,20 +253,20 @@ def test_another_shape_and_lora_merged_weights_run_the_same(tmp_path, model, tok
             torch.nn.init.normal_(module.B, std=0.05)  # a trained adapter is not zero
     other.eval()
     merged = lora.merged_state_dict(other)
-    path = export.write_gguf(merged, cfg, tmp_path / "lora.gguf", "f32")
-    llm = export.open_llama(path, n_ctx=N_CTX, logits_all=True)
+    path = gguf_file.write_gguf(merged, cfg, tmp_path / "lora.gguf", "f32")
+    llm = llama_engine.open_llama(path, n_ctx=N_CTX, logits_all=True)
     ids = tokenizer.encode(prompts[1])
     ours = torch_logits(other, ids)  # the model with its LoRA layers, unmerged
-    assert relative_difference(ours, export.llama_logits(llm, ids)) < F32_TOLERANCE
+    assert relative_difference(ours, llama_engine.llama_logits(llm, ids)) < F32_TOLERANCE
     fast = speed.generate_fast(other, torch.tensor([ids]), 8, 1024, eos_id=50256)
-    assert export.llama_greedy(llm, ids, 8, eos_id=50256) == fast[0, len(ids) :].tolist()
+    assert llama_engine.llama_greedy(llm, ids, 8, eos_id=50256) == fast[0, len(ids) :].tolist()
 
 
 def test_without_llama_cpp_it_says_what_to_install(monkeypatch, gguf_files):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what a missing package looks like
-    assert export.llama_cpp_available() is False
+    assert llama_engine.llama_cpp_available() is False
     with pytest.raises(export.ExportError, match=r"pip install llama-cpp-python"):
-        export.open_llama(gguf_files["f16"])
+        llama_engine.open_llama(gguf_files["f16"])
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -275,9 +289,9 @@ def test_a_damaged_or_mismatched_pth_stops_with_course_weights_messages(tmp_path
     assert torch.equal(loaded.out_head.weight, model.out_head.weight)
     with pytest.raises(export.ExportError, match=r"no 'out_head.weight'"):
         partial = {k: v for k, v in model.state_dict().items() if k != "out_head.weight"}
-        export.write_gguf(partial, cfg, tmp_path / "x.gguf")
+        gguf_file.write_gguf(partial, cfg, tmp_path / "x.gguf")
     with pytest.raises(export.ExportError, match=r"kind 'q4'"):
-        export.write_gguf(model, cfg, tmp_path / "x.gguf", kind="q4")
+        gguf_file.write_gguf(model, cfg, tmp_path / "x.gguf", kind="q4")
     assert list(tmp_path.glob("x.gguf*")) == []  # nothing half-written left
 
 
@@ -344,7 +358,7 @@ def test_a_wrong_template_fails_the_check(data):
 
 
 def call(method: str, url: str, data: bytes | None = None) -> tuple[int, bytes]:
-    return export._request(method, url, data=data)
+    return ollama_registry._request(method, url, data=data)
 
 
 def test_the_stand_in_checks_blob_digests_as_ollama_does(ollama_standin, gguf_files):
@@ -369,20 +383,22 @@ def test_create_rejects_what_ollama_rejects(ollama_standin):
     digest = "sha256:" + hashlib.sha256(not_gguf).hexdigest()
     assert call("POST", f"{base}/api/blobs/{digest}", not_gguf)[0] == 201
     with pytest.raises(export.ExportError, match="not in GGUF format"):
-        export.create_model(base, "m", {"m.gguf": digest}, "{{ .Prompt }}", {})
+        ollama_registry.create_model(base, "m", {"m.gguf": digest}, "{{ .Prompt }}", {})
     missing = "sha256:" + "0" * 64
     with pytest.raises(export.ExportError, match="no such file"):
-        export.create_model(base, "m", {"m.gguf": missing}, "{{ .Prompt }}", {})
+        ollama_registry.create_model(base, "m", {"m.gguf": missing}, "{{ .Prompt }}", {})
     with pytest.raises(export.ExportError, match="unknown parameter 'tempature'"):
-        export.create_model(base, "m", {"m.gguf": digest}, "t", {"tempature": 0})
+        ollama_registry.create_model(base, "m", {"m.gguf": digest}, "t", {"tempature": 0})
     with pytest.raises(export.ExportError, match="invalid model name"):
-        export.create_model(base, "no spaces allowed", {"m.gguf": digest}, "t", {})
+        ollama_registry.create_model(base, "no spaces allowed", {"m.gguf": digest}, "t", {})
     names = [m["name"] for m in judge.ollama_get(base, "/api/tags")["models"]]
     assert names == ["llama3:latest"]  # nothing was created
 
 
 def test_registering_the_model_puts_it_beside_the_judge(ollama_standin, gguf_files):
-    statuses = export.register_with_ollama(gguf_files["q8_0"], "course-offline", "alpaca", 1024)
+    statuses = ollama_registry.register_with_ollama(
+        gguf_files["q8_0"], "course-offline", "alpaca", 1024
+    )
     assert statuses[-1] == "success"
     sent = [r for r in ollama_standin.requests if r["path"] == "/api/create"][-1]["body"]
     assert sent["files"] == {
@@ -395,7 +411,7 @@ def test_registering_the_model_puts_it_beside_the_judge(ollama_standin, gguf_fil
     reply = judge.query_model("Name a color.", model="course-offline", options={})
     assert reply  # the stand-in runs no model, but answers for it
     # a second registration finds the blob there and uploads nothing
-    export.register_with_ollama(gguf_files["q8_0"], "course-offline", "alpaca", 1024)
+    ollama_registry.register_with_ollama(gguf_files["q8_0"], "course-offline", "alpaca", 1024)
     pushes = [r for r in ollama_standin.requests if r["method"] == "POST" and "blobs" in r["path"]]
     assert len(pushes) == 1
 
@@ -403,8 +419,8 @@ def test_registering_the_model_puts_it_beside_the_judge(ollama_standin, gguf_fil
 def test_the_ollama_check_tells_ollama_from_nothing_and_from_other_servers(
     ollama_standin, unused_port_url
 ):
-    assert export.ollama_version() == "0.0.0"  # OLLAMA_HOST: the stand-in
-    assert export.ollama_version(unused_port_url, timeout=2) is None  # nothing listens
+    assert ollama_registry.ollama_version() == "0.0.0"  # OLLAMA_HOST: the stand-in
+    assert ollama_registry.ollama_version(unused_port_url, timeout=2) is None  # nothing listens
 
     class NotOllama(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -421,12 +437,14 @@ def test_the_ollama_check_tells_ollama_from_nothing_and_from_other_servers(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        assert export.ollama_version(f"http://127.0.0.1:{server.server_address[1]}") is None
+        assert (
+            ollama_registry.ollama_version(f"http://127.0.0.1:{server.server_address[1]}") is None
+        )
     finally:
         server.shutdown()
         server.server_close()
     with pytest.raises(judge.JudgeError, match="OLLAMA_HOST"):
-        export.ollama_version("localhost:not-a-port")
+        ollama_registry.ollama_version("localhost:not-a-port")
 
 
 @pytest.fixture
@@ -443,7 +461,7 @@ def test_the_blob_upload_streams_the_file(ollama_standin, tmp_path):
     # a file larger than one read: the stand-in hashes it in pieces, as it arrives
     big = tmp_path / "big.gguf"
     big.write_bytes(b"GGUF" + bytes(range(256)) * 12_000)
-    digest = export.push_blob(ollama_standin.url, big)
+    digest = ollama_registry.push_blob(ollama_standin.url, big)
     assert digest == "sha256:" + hashlib.sha256(big.read_bytes()).hexdigest()
     request = urllib.request.Request(f"{ollama_standin.url}/api/blobs/{digest}", method="HEAD")
     with urllib.request.urlopen(request, timeout=10) as response:
