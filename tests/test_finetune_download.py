@@ -1,0 +1,135 @@
+"""A slow first download under torchrun: the other processes wait for it, however long.
+
+Under `torchrun -m course.finetune` rank 0 downloads GPT-2 while the other processes
+wait. A wait inside a collective call (a barrier) ends when the process group's
+timeout runs out: PyTorch's default is 10 minutes for NCCL and 30 for gloo, so a
+first download slower than that killed the run in the middle of the download.
+
+The test runs that at a smaller scale, with real processes and a real download: two
+gloo processes whose PyTorch default timeout is set to 12 s (the one change made to
+the processes, by a `sitecustomize` module), and GPT-2 small's host a loopback HTTP
+server that trickles the seven files over about 36 s. So that the run stays small,
+the files are the offline model's, and GPT-2 small's configuration in those processes
+is the offline model's. The run must finish with the course's artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from gpt2_fixtures import offline_gpt2_files  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_SECONDS = 12  # the process group's timeout in the test (PyTorch: 600 for NCCL)
+DOWNLOAD_SECONDS = 36  # how long the trickled download takes in all
+STEM = "gpt2-small124M-book-n60"
+
+SITECUSTOMIZE = textwrap.dedent(
+    """
+    import os
+    if os.environ.get("SLOW_TEST_GPT2_URL") and "RANK" in os.environ:  # torchrun's workers
+        import datetime
+        import torch.distributed.distributed_c10d as c10d
+
+        seconds = float(os.environ["SLOW_TEST_PG_TIMEOUT"])
+        c10d.default_pg_timeout = datetime.timedelta(seconds=seconds)
+
+        import helpers  # before course.weights copies the hosts
+        helpers.GPT2_BASE_URL = os.environ["SLOW_TEST_GPT2_URL"]
+        helpers.GPT2_BACKUP_BASE_URL = os.environ["SLOW_TEST_GPT2_URL"] + "/backup"
+        helpers.model_configs["gpt2-small (124M)"] = {"emb_dim": 64, "n_layers": 2, "n_heads": 2}
+    """
+)
+
+
+class TrickleServer:
+    """Serve `files` ({"/124M/hparams.json": bytes}) on loopback, slowly: each file in
+    ten pieces with a pause before each, all files together in about `seconds`."""
+
+    def __init__(self, files: dict[str, bytes], seconds: float):
+        pause = seconds / (10 * len(files))
+        self.served: list[tuple[str, float]] = []  # (path, when its last byte went)
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                piece = -(-len(body) // 10)
+                for start in range(0, len(body), piece):
+                    time.sleep(pause)
+                    self.wfile.write(body[start : start + piece])
+                    self.wfile.flush()
+                owner.served.append((self.path, time.monotonic()))
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def __enter__(self) -> TrickleServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def test_a_download_longer_than_the_process_group_timeout_finishes_the_run(
+    tmp_path,
+    offline_gpt2_files,  # noqa: F811
+):
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+    folder = tmp_path / "artifacts"
+    files = {f"/124M/{name}": body for name, body in offline_gpt2_files.items()}
+    with TrickleServer(files, DOWNLOAD_SECONDS) as server:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), str(ROOT)]),
+            "SLOW_TEST_GPT2_URL": server.url,
+            "SLOW_TEST_PG_TIMEOUT": str(TIMEOUT_SECONDS),
+            "COURSE_ARTIFACTS": str(folder),
+            "COURSE_MODELS_DIR": str(tmp_path / "gpt2"),
+            "no_proxy": "127.0.0.1,localhost",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "PYTHONUNBUFFERED": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+        }
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+        cmd += ["-m", "course.finetune", "--model", "gpt2-small", "--epochs", "1"]
+        cmd += ["--data-limit", "60", "--batch-size", "4", "--device", "cpu"]
+        started = time.monotonic()
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    report = done.stdout[-3000:] + done.stderr[-4000:]
+    assert done.returncode == 0, report
+    # the scene is the failure's: the download outlasted the processes' timeout
+    assert len(server.served) == len(files), report
+    last_byte = max(when for _, when in server.served)
+    assert last_byte - started > TIMEOUT_SECONDS + 10, report
+    # and the run finished, with the course's artifacts
+    assert f"Saved {STEM}-sft.pth" in done.stdout, report
+    log = json.loads((folder / f"{STEM}-training-log.json").read_text(encoding="utf-8"))
+    assert log["config"]["processes"] == 2 and log["eval_steps"] == [0, 5]
+    assert sorted(p.name for p in (tmp_path / "gpt2" / "124M").iterdir()) == sorted(
+        offline_gpt2_files
+    )
