@@ -11,12 +11,16 @@ the processes, by a `sitecustomize` module), and GPT-2 small's host a loopback H
 server that trickles the seven files over about 36 s. So that the run stays small,
 the files are the offline model's, and GPT-2 small's configuration in those processes
 is the offline model's. The run must finish with the course's artifacts.
+
+Ctrl+C during the first download (one process) must say, in the command line's
+words, that nothing was lost and what to run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -35,7 +39,7 @@ STEM = "gpt2-small124M-book-n60"
 SITECUSTOMIZE = textwrap.dedent(
     """
     import os
-    if os.environ.get("SLOW_TEST_GPT2_URL") and "RANK" in os.environ:  # torchrun's workers
+    if os.environ.get("SLOW_TEST_GPT2_URL"):
         import datetime
         import torch.distributed.distributed_c10d as c10d
 
@@ -94,30 +98,38 @@ class TrickleServer:
         self._httpd.server_close()
 
 
+def slow_download_env(tmp_path: Path, url: str) -> dict[str, str]:
+    """The processes' environment: GPT-2's host at `url`, a short process group timeout."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]),
+        "SLOW_TEST_GPT2_URL": url,
+        "SLOW_TEST_PG_TIMEOUT": str(TIMEOUT_SECONDS),
+        "COURSE_ARTIFACTS": str(tmp_path / "artifacts"),
+        "COURSE_MODELS_DIR": str(tmp_path / "gpt2"),
+        "no_proxy": "127.0.0.1,localhost",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "PYTHONUNBUFFERED": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+
+
+SETTINGS = ["--model", "gpt2-small", "--epochs", "1", "--data-limit", "60", "--device", "cpu"]
+
+
 def test_a_download_longer_than_the_process_group_timeout_finishes_the_run(
     tmp_path,
     offline_gpt2_files,  # noqa: F811
 ):
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
     folder = tmp_path / "artifacts"
     files = {f"/124M/{name}": body for name, body in offline_gpt2_files.items()}
     with TrickleServer(files, DOWNLOAD_SECONDS) as server:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), str(ROOT)]),
-            "SLOW_TEST_GPT2_URL": server.url,
-            "SLOW_TEST_PG_TIMEOUT": str(TIMEOUT_SECONDS),
-            "COURSE_ARTIFACTS": str(folder),
-            "COURSE_MODELS_DIR": str(tmp_path / "gpt2"),
-            "no_proxy": "127.0.0.1,localhost",
-            "NO_PROXY": "127.0.0.1,localhost",
-            "PYTHONUNBUFFERED": "1",
-            "TF_CPP_MIN_LOG_LEVEL": "3",
-        }
+        env = slow_download_env(tmp_path, server.url)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
-        cmd += ["-m", "course.finetune", "--model", "gpt2-small", "--epochs", "1"]
-        cmd += ["--data-limit", "60", "--batch-size", "4", "--device", "cpu"]
+        cmd += ["-m", "course.finetune", *SETTINGS, "--batch-size", "4"]
         started = time.monotonic()
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     report = done.stdout[-3000:] + done.stderr[-4000:]
@@ -133,3 +145,30 @@ def test_a_download_longer_than_the_process_group_timeout_finishes_the_run(
     assert sorted(p.name for p in (tmp_path / "gpt2" / "124M").iterdir()) == sorted(
         offline_gpt2_files
     )
+
+
+def test_ctrl_c_during_the_first_download_says_what_to_do(tmp_path, offline_gpt2_files):  # noqa: F811
+    files = {f"/124M/{name}": body for name, body in offline_gpt2_files.items()}
+    with TrickleServer(files, 600) as server:
+        env = slow_download_env(tmp_path, server.url)
+        cmd = [sys.executable, "-m", "course.finetune", *SETTINGS]
+        process = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "gpt2").glob("124M/*.part")):  # the download has begun
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no download within 4 minutes"
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl+C in a terminal: the whole group
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, out[-2000:] + err[-3000:]
+    assert "Stopped by Ctrl+C" in err, err[-3000:]
+    assert "No checkpoint was saved yet: run the same command again" in err, err[-3000:]
+    assert "Traceback" not in err and "the cell" not in out + err, out[-2000:] + err[-3000:]
