@@ -76,10 +76,13 @@ class TrickleServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 piece = -(-len(body) // 10)
-                for start in range(0, len(body), piece):
-                    time.sleep(pause)
-                    self.wfile.write(body[start : start + piece])
-                    self.wfile.flush()
+                try:
+                    for start in range(0, len(body), piece):
+                        time.sleep(pause)
+                        self.wfile.write(body[start : start + piece])
+                        self.wfile.flush()
+                except OSError:  # the client went away
+                    return
                 owner.served.append((self.path, time.monotonic()))
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
