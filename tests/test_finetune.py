@@ -10,7 +10,10 @@ artifacts folder:
 - a two-process run whose rank 1 is killed with SIGKILL after a checkpoint stops
   with a message and keeps its checkpoint; a run with another global batch refuses
   to continue it, and one process with the same global batch continues it to the
-  result of the uninterrupted run.
+  result of the uninterrupted run;
+- Ctrl+C during training, and a checkpoint a run refuses to continue, say what to do
+  in the command line's words (the same command, --retrain, --batch-size): the
+  training loop prints them, in the words course.finetune asks it for.
 
 `python -m torch.distributed.run` is torchrun, for machines where the script is not
 on the PATH.
@@ -281,3 +284,38 @@ def test_a_killed_process_stops_the_run_and_it_continues_on_another_number_of_pr
         assert log[key] == pytest.approx(log1[key], rel=1e-5), key
     for name in state1:
         torch.testing.assert_close(state[name], state1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -- the command line's words (the training loop's messages, course.training) --------------
+
+NOTEBOOK_WORDS = ("the cell", "training cell", "force=True")
+
+
+def test_ctrl_c_in_training_names_the_same_command(place):
+    folder = place / "ctrl-c"
+    process = run(place, "ctrl-c", command(1, 8, "--checkpoint-every", "1"), wait=False)
+    checkpoint = folder / f"{STEM}-train-checkpoint.pth"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl+C in a terminal: the whole group
+    out, err = process.communicate(timeout=120)
+    said = out + err
+    assert process.returncode == 130, said[-3000:]
+    assert "Interrupted" in said and checkpoint.name in said, said[-3000:]
+    assert "same command" in said, said[-3000:]
+    assert not [words for words in NOTEBOOK_WORDS if words in said], said[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_refused_checkpoint_names_the_flags(place):
+    run(place, "refused", command(1, 8, "--max-steps", "1"))  # a global batch of 8
+    refused = run(place, "refused", command(1, 4), wait=False)
+    out, err = refused.communicate(timeout=300)
+    said = out + err
+    assert refused.returncode == 1, said[-3000:]
+    assert "batch_size 8 then, 4 now" in err, said[-3000:]
+    assert "--retrain" in err and "--batch-size" in err, said[-3000:]
+    assert not [words for words in NOTEBOOK_WORDS if words in said], said[-3000:]

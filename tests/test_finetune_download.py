@@ -13,7 +13,8 @@ the files are the offline model's, and GPT-2 small's configuration in those proc
 is the offline model's. The run must finish with the course's artifacts.
 
 Ctrl+C during the first download (one process) must say, in the command line's
-words, that nothing was lost and what to run.
+words, that nothing was lost and what to run; a download that never ends stops with
+one grammatical sentence that says what to check.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 from gpt2_fixtures import offline_gpt2_files  # noqa: F401 (a fixture)
+
+from course import weights
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_SECONDS = 12  # the process group's timeout in the test (PyTorch: 600 for NCCL)
@@ -175,3 +179,36 @@ def test_ctrl_c_during_the_first_download_says_what_to_do(tmp_path, offline_gpt2
     assert "Stopped by Ctrl+C" in err, err[-3000:]
     assert "No checkpoint was saved yet: run the same command again" in err, err[-3000:]
     assert "Traceback" not in err and "the cell" not in out + err, out[-2000:] + err[-3000:]
+
+
+def test_a_download_that_never_ends_stops_with_one_clear_sentence(tmp_path):
+    class Endless(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the size shows only as bytes arrive
+            try:
+                while True:
+                    self.wfile.write(b"x" * 65536)
+            except OSError:
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/model.ckpt.data-00000-of-00001"
+    try:
+        with pytest.raises(weights.DownloadTooLarge) as info:
+            weights.download_file(
+                url, tmp_path / "model.bin", show_progress=False, max_bytes=300_000
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(info.value)
+    assert f"The download from {url} sent more than the 300,000 bytes allowed for it" in message
+    assert "more, more" not in message
+    assert message.endswith("Check that the address names the file you meant.")
+    assert list(tmp_path.iterdir()) == []
