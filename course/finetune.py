@@ -126,6 +126,7 @@ def read_settings() -> dict:
         "MASK_INSTRUCTIONS": setting("COURSE_MASK_INSTRUCTIONS", False),
         "DATASET": setting("COURSE_DATASET", "book"),
         "DATA_LIMIT": setting("COURSE_DATA_LIMIT", 0),
+        "MAX_LENGTH": setting("COURSE_MAX_LENGTH", 1024),
         "FINETUNE": setting("COURSE_FINETUNE", "full"),
         "LORA_RANK": setting("COURSE_LORA_RANK", 16),
         "LORA_ALPHA": setting("COURSE_LORA_ALPHA", 16),
@@ -160,7 +161,12 @@ class Plan:
         model_name = settings.resolve_model_name(p["CHOOSE_MODEL"])
         dataset_tag = settings.dataset_tag(p["DATASET"], p["DATA_LIMIT"])
         stem = artifacts.run_stem(
-            model_name, dataset_tag, p["FINETUNE"], p["PROMPT_STYLE"], p["MASK_INSTRUCTIONS"]
+            model_name,
+            dataset_tag,
+            p["FINETUNE"],
+            p["PROMPT_STYLE"],
+            p["MASK_INSTRUCTIONS"],
+            p["MAX_LENGTH"],
         )
         return cls(p, model_name, dataset_tag, stem, processes)
 
@@ -210,7 +216,7 @@ def make_loaders(plan: Plan, device: torch.device) -> tuple[tuple, tuple]:
     collate = partial(
         helpers.custom_collate_fn,
         device=device,
-        allowed_max_length=1024,
+        allowed_max_length=p["MAX_LENGTH"],
         mask_instructions=p["MASK_INSTRUCTIONS"],
     )
 
