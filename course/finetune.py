@@ -4,27 +4,18 @@ writes the artifacts that notebooks 06-09 and `run_course.py --from 06` read.
 """
 
 #     python -m course.finetune --offline                     # the tiny offline model
-#     python -m course.finetune --model gpt2-small --epochs 1
 #     python -m course.finetune --dataset alpaca              # exercise 7.3 on one GPU
 #     torchrun --nproc-per-node 4 -m course.finetune --dataset alpaca --batch-size 2
 #
-# It runs what notebook 05's cells run, with the same settings (the COURSE_* variables,
-# or the flags, which set them): notebook 01's split, the same data loaders and collate
-# function, the pretrained weights, the initial losses, LoRA when asked, the book's
-# AdamW, an evaluation every 5 steps on 5 batches, a sample after each epoch, and the
-# same resumable checkpoint. It writes `<run>-sft.pth` and `<run>-training-log.json`.
-# In one process it computes exactly what the notebook computes (the same bytes in
-# `-sft.pth` on the same machine).
-#
-# With several processes (`torchrun --nproc-per-node N`, or `python -m
-# torch.distributed.run` where the `torchrun` script is not on the PATH) `--batch-size`
-# is each process's batch; the global batch, what one optimizer step learns from, is
+# It runs notebook 05's cells with the same settings (the COURSE_* variables, which the
+# flags set) and writes the same `<run>-sft.pth` and `<run>-training-log.json`; in one
+# process it computes exactly what the notebook computes. Under torchrun (or `python -m
+# torch.distributed.run`) `--batch-size` is each process's batch, the global batch is
 # that times N, and the run equals one process with the global batch within float
 # rounding (course.distributed says how). Only rank 0 prints and writes files. The
-# checkpoint records the global batch, so a run continues with another number of
-# processes when the global batch stays the same, and stops with a message naming both
-# batch sizes when it does not. When a process fails or is killed, torchrun stops the
-# others, which say that the last checkpoint is intact and the same command continues.
+# checkpoint records the global batch, so another number of processes with the same
+# global batch continues it. When a process fails, torchrun stops the others, which say
+# that the last checkpoint is intact and that the same command continues.
 
 from __future__ import annotations
 
