@@ -189,6 +189,20 @@ def test_the_flags_are_run_courses():
         assert course_flags.get(flag) == name, flag
 
 
+def test_the_shared_flags_set_the_same_variables_as_run_courses(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.json").write_text("[]")
+    argv = ["--offline", "--epochs", "1", "--mask-instructions", "--dataset", "mine.json"]
+    argv += ["--models-dir", "~/weights", "--artifacts", "out", "--batch-size", "4"]
+    expected = run_course.course_settings(run_course.parse_args(argv), base={})
+    monkeypatch.setattr(os, "environ", {})
+    finetune.apply_flags(finetune.parse_args(argv))
+    assert os.environ == expected
+    assert os.environ["COURSE_DATASET"] == str(tmp_path / "mine.json")
+    assert os.environ["COURSE_MODELS_DIR"] == str(Path("~/weights").expanduser())
+    assert os.environ["COURSE_ARTIFACTS"] == str(tmp_path / "out")
+
+
 # -- real runs ----------------------------------------------------------------------------
 
 
