@@ -88,14 +88,19 @@ class Processes:
         name = f"{self._waits}-{what}"
         if self.main:
             result = work()
-        self._patient_barrier(f"{name}/rank-0", what)
+        self.patient_barrier(f"{name}/rank-0", what)
         if not self.main:
             result = work()
-        self._patient_barrier(f"{name}/all", what)
+        self.patient_barrier(f"{name}/all", what)
         return result
 
-    def _patient_barrier(self, key: str, what: str) -> None:
-        """Every process arrives at `key`; return when all have (or fail at the deadline)."""
+    def patient_barrier(self, key: str | None = None, what: str = "arrive") -> None:
+        """Every process arrives at `key`; return when all have (or fail at the deadline).
+
+        Without a key: the next of the waits all processes take in the same order."""
+        if key is None:
+            self._waits += 1
+            key = f"{self._waits}-wait"
         self.store.add(key, 1)
         deadline = time.monotonic() + PATIENCE_SECONDS
         while self.store.add(key, 0) < self.world_size:
@@ -264,12 +269,10 @@ def sharded_loader_loss(loader, batch_loss, processes: Processes, device, num_ba
     return total / num_batches
 
 
-def train_sharded(model, train_loader, val_loader, optimizer, device, processes, **kwargs) -> dict:
-    """`course.training.train_model` on several processes: DDP, token-weighted losses.
-
-    Only rank 0 shows progress and writes the checkpoint; it records the global batch
-    size, so another number of processes with the same global batch continues it.
-    """
+def sharded_task(model, train_loader, val_loader, device, processes: Processes, eval_iter: int):
+    """The fine-tuning Task of `course.training.train_run` on several processes: DDP and
+    token-weighted losses. Rank 0 alone shows progress and writes the checkpoint, which
+    records the global batch size (another number of processes continues it)."""
     ddp_model = torch.nn.parallel.DistributedDataParallel(
         BatchLoss(model, device),
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -284,24 +287,14 @@ def train_sharded(model, train_loader, val_loader, optimizer, device, processes,
         model.eval()
         with torch.no_grad():
             losses = [
-                sharded_loader_loss(loader, fast_loss, processes, device, kwargs["eval_iter"])
+                sharded_loader_loss(loader, fast_loss, processes, device, eval_iter)
                 for loader in (train_loader, val_loader)
             ]
         model.train()
         return tuple(losses)
 
-    task = training.fine_tuning_task(
+    return training.fine_tuning_task(
         batch_loss=sharded_step_loss(ddp_model, processes, device, stats),
         batch_tokens=lambda batch: stats["tokens"],
         evaluate_losses=evaluate_losses,
-    )
-    return training.run_resumable(
-        task,
-        model,
-        train_loader,
-        optimizer,
-        device,
-        save_checkpoints=processes.main,
-        show_progress=processes.main,
-        **kwargs,
     )

@@ -37,7 +37,7 @@ from course.distributed import (
     choose_device,
     collate_part,
     sharded_loader_loss,
-    train_sharded,
+    sharded_task,
 )
 
 EVAL_FREQ, EVAL_ITER = 5, 5  # notebook 05's evaluation schedule (the book's)
@@ -289,8 +289,12 @@ def prepare_finetuning(model, p: dict) -> None:
         print(f"Full fine-tuning: all {trainable:,} parameters train.")
 
 
-def train(model, entries, loaders, device, precision, plan: Plan, args) -> tuple[dict, dict]:
-    """The book's training loop, resumable: (its history, the run's config)."""
+def train(model, entries, loaders, device, precision, plan: Plan, args, initial) -> dict:
+    """The book's training loop, resumable, in the run's lock; rank 0 saves the results.
+
+    `course.training.train_run` sets aside a run of this name with other settings,
+    trains, writes `-sft.pth` and the training log, and speaks the command line's words.
+    """
     p, processes = plan.p, plan.processes
     run_config = training.run_config(
         plan.model_name,
@@ -305,32 +309,42 @@ def train(model, entries, loaders, device, precision, plan: Plan, args) -> tuple
         batch_size=plan.global_batch,  # what one step learns from, whatever the processes
         seed=p["SEED"],
     )
-    torch.manual_seed(p["SEED"])
-    optimizer = speed.make_optimizer(model, lr=p["LEARNING_RATE"], weight_decay=p["WEIGHT_DECAY"])
-    loop = dict(
-        num_epochs=p["NUM_EPOCHS"],
-        eval_freq=EVAL_FREQ,
-        eval_iter=EVAL_ITER,
-        start_context=helpers.format_input(entries[1][0], p["PROMPT_STYLE"]),
-        tokenizer=helpers.get_tokenizer(),
-        checkpoint_path=artifacts.path_for("checkpoint", plan.stem),
+    run = training.use_run(
+        plan.stem,
+        run_config,
         precision=precision,
-        run_config=run_config,
+        retrain=p["RETRAIN"],
+        initial_losses=initial,
+        interface="command line",
         checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes,
-        force=p["RETRAIN"],
         max_steps=args.max_steps,
+        log_extra={"processes": processes.world_size, "per_process_batch_size": p["BATCH_SIZE"]},
     )
+    torch.manual_seed(p["SEED"])
+    optimizer = speed.make_optimizer(model, lr=p["LEARNING_RATE"], weight_decay=p["WEIGHT_DECAY"])
+    if processes.several:
+        task = sharded_task(model, loaders[0], loaders[1], device, processes, EVAL_ITER)
+    else:
+        task = training.single_process_task(model, loaders[0], loaders[1], device, EVAL_ITER)
     try:
-        if processes.several:
-            history = train_sharded(
-                model, loaders[0], loaders[1], optimizer, device, processes, **loop
-            )
-        else:
-            history = training.train_model(model, loaders[0], loaders[1], optimizer, device, **loop)
+        return training.train_run(
+            run,
+            task,
+            model,
+            loaders[0],
+            optimizer,
+            device,
+            p["NUM_EPOCHS"],
+            EVAL_FREQ,
+            EVAL_ITER,
+            helpers.format_input(entries[1][0], p["PROMPT_STYLE"]),
+            helpers.get_tokenizer(),
+            main_process=processes.main,
+            barrier=processes.patient_barrier if processes.several else None,
+        )
     except KeyboardInterrupt:
         raise TrainingInterrupted from None
-    return history, run_config
 
 
 def report(history: dict, plan: Plan, device, precision: str, steps_per_epoch: int) -> None:
@@ -355,37 +369,6 @@ def report(history: dict, plan: Plan, device, precision: str, steps_per_epoch: i
         f"{history['eval_steps'][:3]} ... {history['eval_steps'][-1]}"
     )
     print(f"Tokens seen: {history['tokens_seen'][-1]:,} at the last evaluation")
-
-
-def save_results(model, history, initial, run_config, plan: Plan, device, precision, steps):
-    """The fine-tuned model and the training log (rank 0 alone writes them)."""
-    p = plan.p
-    sft_path = artifacts.path_for("sft", plan.stem)
-    if p["FINETUNE"] == "lora":
-        weights_to_save = lora.merged_state_dict(model)  # a plain GPTModel state_dict
-    else:
-        weights_to_save = model.state_dict()
-    artifacts.torch_save(weights_to_save, sft_path)
-    training_log = training.training_log(
-        history,
-        initial,
-        run_config,
-        model=model,
-        device=device,
-        precision=precision,
-        learning_rate=p["LEARNING_RATE"],
-        weight_decay=p["WEIGHT_DECAY"],
-        num_epochs=p["NUM_EPOCHS"],
-        eval_freq=EVAL_FREQ,
-        eval_iter=EVAL_ITER,
-        steps_per_epoch=steps,
-    )
-    training_log["config"].update(
-        processes=plan.processes.world_size, per_process_batch_size=p["BATCH_SIZE"]
-    )
-    log_path = artifacts.write_training_log(plan.stem, training_log)
-    size_mb = sft_path.stat().st_size / 1e6
-    print(f"Saved {sft_path.name} ({size_mb:.0f} MB) and {log_path.name}")
     final = f"train {history['train_losses'][-1]:.3f}, validation {history['val_losses'][-1]:.3f}"
     print(f"Final losses: {final}")
     print("Next: notebook 06, or python run_course.py --from 06 with the same settings.")
@@ -401,16 +384,8 @@ def run(args: argparse.Namespace, processes: Processes) -> int:
     print(f"Loaded {plan.model_name} on {device}")
     initial = initial_losses(model, loaders, device, plan)
     prepare_finetuning(model, plan.p)
-    history, run_config = train(model, entries, loaders, device, precision, plan, args)
+    history = train(model, entries, loaders, device, precision, plan, args, initial)
     report(history, plan, device, precision, len(loaders[0]))
-    if history["finished"]:  # rank 0 writes the results while the others wait
-
-        def save():
-            if processes.main:
-                steps = len(loaders[0])
-                save_results(model, history, initial, run_config, plan, device, precision, steps)
-
-        processes.rank_0_first("save the results", save)
     return 0
 
 
