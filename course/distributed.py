@@ -20,10 +20,10 @@ Used by course.finetune when torchrun starts it several times (DistributedDataPa
 #   sum_r m_r * c_r / C, the mean over all C tokens. Logged losses and evaluations are
 #   reduced the same way, and the tokens seen count the global batch padded to its
 #   longest row, as one process counts them.
-# - Waits. Rank 0 alone makes the split and downloads GPT-2; the others wait for it in
-#   `Processes.rank_0_first`, outside any collective call, so that a download longer than
-#   the process group's timeout (PyTorch's default: 10 minutes for NCCL) does not end
-#   the run.
+# - Waits. Rank 0 alone makes the split, downloads GPT-2 and writes the results; the
+#   others wait for it in the run's store (`Processes.rank_0_first`, `patient_barrier`),
+#   outside any collective call, so that a download longer than the process group's
+#   timeout (PyTorch's default: 10 minutes for NCCL) does not end the run.
 
 from __future__ import annotations
 

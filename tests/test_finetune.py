@@ -13,7 +13,8 @@ artifacts folder:
   result of the uninterrupted run;
 - Ctrl+C during training, and a checkpoint a run refuses to continue, say what to do
   in the command line's words (the same command, --retrain, --batch-size): the
-  training loop prints them, in the words course.finetune asks it for.
+  training loop prints them, in the words course.finetune asks it for;
+- a second run into a folder where one trains stops and names the first.
 
 `python -m torch.distributed.run` is torchrun, for machines where the script is not
 on the PATH.
@@ -333,3 +334,26 @@ def test_a_refused_checkpoint_names_the_flags(place):
     assert "batch_size 8 then, 4 now" in err, said[-3000:]
     assert "--retrain" in err and "--batch-size" in err, said[-3000:]
     assert not [words for words in NOTEBOOK_WORDS if words in said], said[-3000:]
+
+
+def test_a_second_run_into_the_same_folder_stops_naming_the_first(place):
+    folder = place / "twice"
+    first = run(
+        place, "twice", command(1, 8, "--epochs", "400", "--checkpoint-every", "1"), wait=False
+    )
+    try:
+        checkpoint = folder / f"{STEM}-train-checkpoint.pth"
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists():  # the first one trains
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
+            time.sleep(0.05)
+        second = run(place, "twice", command(1, 8), wait=False)
+        out, err = second.communicate(timeout=300)
+        assert second.returncode == 1, out[-2000:] + err[-2000:]
+        assert f"process {first.pid} on " in err, err[-2000:]
+        assert "run the same command again" in err, err[-2000:]
+        assert first.poll() is None  # the first one goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
