@@ -137,14 +137,14 @@ def measure_processes(model_name: str, steps: int, repeat: int) -> dict | None:
     import torch.distributed as dist
     from torch.utils.data import DataLoader
 
-    from course import finetune
+    from course import distributed
 
-    processes = finetune.Processes()
+    processes = distributed.Processes()
     dist.init_process_group("gloo")
     tokenizer, train_data, collate = training_data()
     part_size = BATCH_SIZE // processes.world_size
     torch.manual_seed(SEED)
-    sampler = finetune.ShardedBatches(
+    sampler = distributed.ShardedBatches(
         len(train_data), part_size, processes.rank, processes.world_size, shuffle=True
     )
     loader = DataLoader(
@@ -157,10 +157,10 @@ def measure_processes(model_name: str, steps: int, repeat: int) -> dict | None:
     speed.keep_freed_memory()
     optimizer = speed.make_optimizer(model, LEARNING_RATE, WEIGHT_DECAY)
     ddp_model = torch.nn.parallel.DistributedDataParallel(
-        finetune.BatchLoss(model, torch.device("cpu")), broadcast_buffers=False
+        distributed.BatchLoss(model, torch.device("cpu")), broadcast_buffers=False
     )
     stats = {"tokens": 0}
-    batch_loss = finetune.sharded_step_loss(ddp_model, processes, "cpu", stats)
+    batch_loss = distributed.sharded_step_loss(ddp_model, processes, "cpu", stats)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loaded_mb = rss_mb()
 

@@ -70,10 +70,10 @@ class DownloadTooLarge(ValueError):
 
     def __init__(self, url: str, limit: int, size: int | None = None):
         self.url, self.limit, self.size = url, limit, size
-        said = f"announces {size:,} bytes" if size is not None else "sent more"
+        said = f"announces {size:,} bytes, more than" if size is not None else "sent more than"
         super().__init__(
-            f"The download from {url} {said}, more than the {limit:,} bytes allowed for "
-            "it, so it was stopped and nothing of it was kept."
+            f"The download from {url} {said} the {limit:,} bytes allowed for it, so it was "
+            "stopped and nothing of it was kept. Check that the address names the file you meant."
         )
 
 

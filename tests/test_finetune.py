@@ -10,7 +10,11 @@ artifacts folder:
 - a two-process run whose rank 1 is killed with SIGKILL after a checkpoint stops
   with a message and keeps its checkpoint; a run with another global batch refuses
   to continue it, and one process with the same global batch continues it to the
-  result of the uninterrupted run.
+  result of the uninterrupted run;
+- Ctrl+C during training, and a checkpoint a run refuses to continue, say what to do
+  in the command line's words (the same command, --retrain, --batch-size): the
+  training loop prints them, in the words course.finetune asks it for;
+- a second run into a folder where one trains stops and names the first.
 
 `python -m torch.distributed.run` is torchrun, for machines where the script is not
 on the PATH.
@@ -186,6 +190,20 @@ def test_the_flags_are_run_courses():
         assert course_flags.get(flag) == name, flag
 
 
+def test_the_shared_flags_set_the_same_variables_as_run_courses(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.json").write_text("[]")
+    argv = ["--offline", "--epochs", "1", "--mask-instructions", "--dataset", "mine.json"]
+    argv += ["--models-dir", "~/weights", "--artifacts", "out", "--batch-size", "4"]
+    expected = run_course.course_settings(run_course.parse_args(argv), base={})
+    monkeypatch.setattr(os, "environ", {})
+    finetune.apply_flags(finetune.parse_args(argv))
+    assert os.environ == expected
+    assert os.environ["COURSE_DATASET"] == str(tmp_path / "mine.json")
+    assert os.environ["COURSE_MODELS_DIR"] == str(Path("~/weights").expanduser())
+    assert os.environ["COURSE_ARTIFACTS"] == str(tmp_path / "out")
+
+
 # -- real runs ----------------------------------------------------------------------------
 
 
@@ -281,3 +299,61 @@ def test_a_killed_process_stops_the_run_and_it_continues_on_another_number_of_pr
         assert log[key] == pytest.approx(log1[key], rel=1e-5), key
     for name in state1:
         torch.testing.assert_close(state[name], state1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -- the command line's words (the training loop's messages, course.training) --------------
+
+NOTEBOOK_WORDS = ("the cell", "training cell", "force=True")
+
+
+def test_ctrl_c_in_training_names_the_same_command(place):
+    folder = place / "ctrl-c"
+    process = run(place, "ctrl-c", command(1, 8, "--checkpoint-every", "1"), wait=False)
+    checkpoint = folder / f"{STEM}-train-checkpoint.pth"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl+C in a terminal: the whole group
+    out, err = process.communicate(timeout=120)
+    said = out + err
+    assert process.returncode == 130, said[-3000:]
+    assert "Interrupted" in said and checkpoint.name in said, said[-3000:]
+    assert "same command" in said, said[-3000:]
+    assert not [words for words in NOTEBOOK_WORDS if words in said], said[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_refused_checkpoint_names_the_flags(place):
+    run(place, "refused", command(1, 8, "--max-steps", "1"))  # a global batch of 8
+    refused = run(place, "refused", command(1, 4), wait=False)
+    out, err = refused.communicate(timeout=300)
+    said = out + err
+    assert refused.returncode == 1, said[-3000:]
+    assert "batch_size 8 then, 4 now" in err, said[-3000:]
+    assert "--retrain" in err and "--batch-size" in err, said[-3000:]
+    assert not [words for words in NOTEBOOK_WORDS if words in said], said[-3000:]
+
+
+def test_a_second_run_into_the_same_folder_stops_naming_the_first(place):
+    folder = place / "twice"
+    first = run(
+        place, "twice", command(1, 8, "--epochs", "400", "--checkpoint-every", "1"), wait=False
+    )
+    try:
+        checkpoint = folder / f"{STEM}-train-checkpoint.pth"
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists():  # the first one trains
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
+            time.sleep(0.05)
+        second = run(place, "twice", command(1, 8), wait=False)
+        out, err = second.communicate(timeout=300)
+        assert second.returncode == 1, out[-2000:] + err[-2000:]
+        assert f"process {first.pid} on " in err, err[-2000:]
+        assert "run the same command again" in err, err[-2000:]
+        assert first.poll() is None  # the first one goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
