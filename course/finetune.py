@@ -522,7 +522,7 @@ def run(args: argparse.Namespace, processes: Processes) -> int:
             f"{counts['before']['trainable']:,} before, {counts['after']['trainable']:,} after"
         )
     else:
-        trainable = lora.count_parameters(model)["trainable"]
+        trainable = lora.parameter_counts(model)["trainable"]
         print(f"Full fine-tuning: all {trainable:,} parameters train.")
 
     # 6. the book's training loop, resumable
