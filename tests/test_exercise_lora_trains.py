@@ -17,7 +17,7 @@ from test_exercise_lora import define, notebook_cells, scaled_by_alpha_over_rank
 from torch.utils.data import DataLoader
 
 import helpers
-from course import lora, settings
+from course import lora, settings, training
 from course.exercises.lora import lora_code_to_train
 from course.training import train_model_simple
 
@@ -53,7 +53,9 @@ def test_until_then_the_course_solution_trains_and_says_why(student):
 
 def trained(replace_linear_with_lora, tokenizer):
     """What notebook 05 does with COURSE_FINETUNE=lora, on a small model and 24 entries:
-    the adapters go in after torch.manual_seed, then the book's training call."""
+    the adapters go in after torch.manual_seed, then the book's training call (with no
+    run set up: it trains without files)."""
+    training.forget_run()
     data = json.loads((ROOT / "instruction-data.json").read_text(encoding="utf-8"))[:24]
     collate = partial(helpers.custom_collate_fn, device="cpu", allowed_max_length=256)
     torch.manual_seed(123)
