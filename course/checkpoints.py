@@ -181,7 +181,13 @@ def load_training_checkpoint(
     """
     path, words = Path(path), words_for(interface)
     start_over = f"Delete it ({words.starts_anew}) or {words.retrain} to train anew"
-    checkpoint = read_pth(path, task.notebook)
+    try:
+        checkpoint = read_pth(path, task.notebook)
+    except RuntimeError as exc:  # damaged: the notebook's fix is the notebook's words
+        if words.interface == "notebook":
+            raise
+        first = str(exc).split(" Delete it and run notebook")[0]
+        raise RuntimeError(f"{first} {start_over}.") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != task.checkpoint_format:
         raise ValueError(f"{path} is not a {task.name} checkpoint of this course. {start_over}.")
     saved = checkpoint["settings"]
