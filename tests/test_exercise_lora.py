@@ -294,7 +294,11 @@ WRONG = {
         "after B was set",
         "the other convention",
     ),
-    "returns float64": (wrong_forward(returns_float64), "shape (2, 5, 4)", "keep the input's dtype"),
+    "returns float64": (
+        wrong_forward(returns_float64),
+        "shape (2, 5, 4)",
+        "keep the input's dtype",
+    ),
     "adapter renamed": (
         renamed_adapter,
         "LinearWithLoRA(nn.Linear(4, 3)",
