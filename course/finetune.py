@@ -288,7 +288,7 @@ def prepare_finetuning(model, p: dict) -> None:
             f"{counts['before']['trainable']:,} before, {counts['after']['trainable']:,} after"
         )
     else:
-        trainable = lora.count_parameters(model)["trainable"]
+        trainable = lora.parameter_counts(model)["trainable"]
         print(f"Full fine-tuning: all {trainable:,} parameters train.")
 
 

@@ -1,11 +1,7 @@
-"""LoRA fine-tuning (exercise 7.4): freeze GPT-2, train small adapters, save plain weights.
+"""LoRA fine-tuning (exercise 7.4): freeze GPT-2, add adapters, save plain merged weights.
 
-The layers are the book's (`helpers.LoRALayer`, `helpers.LinearWithLoRA`,
-`helpers.replace_linear_with_lora`, appendix E). This module adds what a run needs
-around them: freezing and replacing in one call with the parameter counts, and
-merging the adapters back into the linear layers, so that the saved `-sft.pth` is a
-plain `helpers.GPTModel` state_dict that notebooks 07-09 (and the book's code) load
-as it is.
+Used by notebook 05 and `course.finetune`. The layers are the book's (appendix E,
+`helpers.LinearWithLoRA`) or, in notebook 05, the student's once their check says right.
 """
 
 from __future__ import annotations
@@ -16,7 +12,7 @@ import torch.nn as nn
 import helpers
 
 
-def count_parameters(model: nn.Module) -> dict:
+def parameter_counts(model: nn.Module) -> dict:
     """{"total": ..., "trainable": ...}: numbers of parameters, all and with gradients."""
     params = list(model.parameters())
     return {
@@ -25,23 +21,40 @@ def count_parameters(model: nn.Module) -> dict:
     }
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float) -> dict:
+def is_lora_layer(module: nn.Module) -> bool:
+    """A LinearWithLoRA, the book's or one written like it: an nn.Linear `linear` and a
+    `lora` with A, B and alpha."""
+    lora = getattr(module, "lora", None)
+    return isinstance(getattr(module, "linear", None), nn.Linear) and all(
+        hasattr(lora, part) for part in ("A", "B", "alpha")
+    )
+
+
+def lora_layers(model: nn.Module) -> dict:
+    """{name: module} of the LoRA layers in `model` (see is_lora_layer)."""
+    return {name: module for name, module in model.named_modules() if is_lora_layer(module)}
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, replace_linear_with_lora=None) -> dict:
     """Freeze every weight of `model`, then wrap each nn.Linear in a LinearWithLoRA.
 
     As in the book's exercise solution: afterwards only the adapters' A and B
-    matrices train. Returns the parameter counts before and after, and the number of
-    linear layers replaced. Draws A's random start from torch's generator (seed first).
+    matrices train. `replace_linear_with_lora` is the book's (helpers.py) unless
+    another is given (notebook 05: the student's). Returns the parameter counts
+    before and after, and the number of linear layers replaced. Draws A's random
+    start from torch's generator (seed first).
     """
-    if any(isinstance(m, helpers.LinearWithLoRA) for m in model.modules()):
+    if lora_layers(model):
         raise ValueError("This model has LoRA layers already: apply_lora once per model.")
-    before = count_parameters(model)
+    replace = replace_linear_with_lora or helpers.replace_linear_with_lora
+    before = parameter_counts(model)
     device = next(model.parameters()).device
     for param in model.parameters():
         param.requires_grad = False
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
-    helpers.replace_linear_with_lora(model, rank, alpha)
+    replace(model, rank, alpha)
     model.to(device)  # the new A and B are made on the CPU
-    return {"before": before, "after": count_parameters(model), "layers": linears}
+    return {"before": before, "after": parameter_counts(model), "layers": linears}
 
 
 def lora_parameter_count(model_cfg: dict, rank: int) -> int:
@@ -62,11 +75,7 @@ def merged_state_dict(model: nn.Module) -> dict:
     """
     state = model.state_dict()
     merged = {}
-    lora_prefixes = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, helpers.LinearWithLoRA)
-    }
+    lora_prefixes = lora_layers(model)
     for key, value in state.items():
         prefix, _, leaf = key.rpartition(".")
         owner, _, part = prefix.rpartition(".")
@@ -87,7 +96,7 @@ def merged_state_dict(model: nn.Module) -> dict:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LinearWithLoRA in `model` by its merged nn.Linear, in place."""
     for name, module in model.named_children():
-        if isinstance(module, helpers.LinearWithLoRA):
+        if is_lora_layer(module):
             linear = module.linear
             lora = module.lora
             linear.weight += lora.alpha * (lora.A @ lora.B).T

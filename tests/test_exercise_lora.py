@@ -1,8 +1,9 @@
 """The check of exercise 7.4 (notebook 05) can fail.
 
 The solution and the scaffold are taken from the notebook: the code block of the folded
-solution and the scaffold cell. The check must accept the solution, say "not attempted
-yet" for the scaffold, and reject each wrong version with its own hint.
+solution and the scaffold cell. The check must accept the solution (the printed book's
+appendix E code), say "not attempted yet" for the scaffold, and reject each wrong
+version with its own hint, without ever raising.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import course.exercises as exercises
+import helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 NB05 = ROOT / "05_instruction_finetuning.ipynb"
@@ -195,6 +197,55 @@ def wrapped_twice(solution):
     return LinearWithLoRA, replace_linear_with_lora
 
 
+def frozen_under_no_grad(self, x):
+    with torch.no_grad():  # "the layer is frozen anyway"
+        frozen = self.linear(x)
+    return frozen + self.lora(x)
+
+
+def adapter_gets_detached_x(self, x):
+    return self.linear(x) + self.lora(x.detach())
+
+
+def adapter_in_training_only(self, x):
+    out = self.linear(x)
+    if self.training:
+        out = out + self.lora(x)
+    return out
+
+
+def scaled_by_alpha_over_rank(self, x):
+    """The repository's later convention: alpha / rank."""
+    rank = self.lora.A.shape[1]
+    return self.linear(x) + self.lora.alpha / rank * (x @ self.lora.A @ self.lora.B)
+
+
+def returns_float64(self, x):
+    return (self.linear(x) + self.lora(x)).double()
+
+
+def renamed_adapter(solution):
+    """Keeps the adapter as self.adapter: the old check ended in an AttributeError."""
+    base = solution[0]
+
+    class LinearWithLoRA(base):
+        def __init__(self, linear, rank, alpha):
+            super().__init__(linear, rank, alpha)
+            self.adapter = self.lora
+            del self.lora
+
+        def forward(self, x):
+            return self.linear(x) + self.adapter(x)
+
+    return LinearWithLoRA, replacing_with(LinearWithLoRA)
+
+
+def raises_in_eval_mode(self, x):
+    if not self.training:
+        raise RuntimeError("not in eval mode")
+    return self.linear(x) + self.lora(x)
+
+
 def forward_not_written(solution):
     return wrong_forward(lambda self, x: None)(solution)
 
@@ -223,6 +274,41 @@ WRONG = {
     "wrapped twice": (wrapped_twice, ".linear", "wrapped twice"),
     "forward not written": (forward_not_written, "shape (2, 5, 4)", "returns nothing yet"),
     "raises": (raises, "replace_linear_with_lora(model", "raised an error"),
+    "frozen layer under torch.no_grad()": (
+        wrong_forward(frozen_under_no_grad),
+        "layer 1's lora.",
+        "under torch.no_grad()",
+    ),
+    "adapter gets x.detach()": (
+        wrong_forward(adapter_gets_detached_x),
+        "layer 1's lora.",
+        "x.detach()",
+    ),
+    "adapter in training mode only": (
+        wrong_forward(adapter_in_training_only),
+        "in eval mode (layer.eval())",
+        "in train mode only",
+    ),
+    "scaled by alpha / rank": (
+        wrong_forward(scaled_by_alpha_over_rank),
+        "after B was set",
+        "the other convention",
+    ),
+    "returns float64": (
+        wrong_forward(returns_float64),
+        "shape (2, 5, 4)",
+        "keep the input's dtype",
+    ),
+    "adapter renamed": (
+        renamed_adapter,
+        "LinearWithLoRA(nn.Linear(4, 3)",
+        "keep __init__ as given",
+    ),
+    "raises in eval mode": (
+        wrong_forward(raises_in_eval_mode),
+        "in eval mode",
+        "forward raised an error",
+    ),
 }
 
 
@@ -251,3 +337,45 @@ def test_a_correct_count_is_still_checked_on_gpt2_medium(solution, monkeypatch):
     result = exercises.check_lora(*solution)
     assert result.status == "wrong"
     assert "7,898,384" in result.message and "GPT-2 medium" in result.message
+
+
+def test_the_other_convention_is_explained_both_ways(solution):
+    """Scaling by alpha / rank is not called a mistake in the dark: the hint names both."""
+    result = exercises.check_lora(*wrong_forward(scaled_by_alpha_over_rank)(solution))
+    assert result.status == "wrong"
+    assert "printed appendix E" in result.message and "alpha / rank" in result.message
+    assert "later version" in result.message
+
+
+def test_gradients_are_compared_with_the_course_through_stacked_layers(solution):
+    """Both cut paths leave every value right: only the earlier layers' gradients differ."""
+    for body in (frozen_under_no_grad, adapter_gets_detached_x):
+        cls, _ = wrong_forward(body)(solution)
+        torch.manual_seed(0)
+        linear = nn.Linear(4, 4)
+        yours = cls(linear, 2, 3.0)
+        nn.init.normal_(yours.lora.B)
+        course = helpers.LinearWithLoRA(linear, 2, 3.0)
+        course.lora.load_state_dict(yours.lora.state_dict())
+        x = torch.randn(2, 5, 4)
+        for mode in (True, False):
+            assert torch.allclose(yours.train(mode)(x), course.train(mode)(x))  # values right
+        result = exercises.check_lora(cls, replacing_with(cls))
+        assert "layer 1's lora." in result.message, result.message
+
+
+def test_an_endless_loop_becomes_a_hint(solution, monkeypatch):
+    import functools
+
+    from course.exercises import lora, results
+
+    quick = functools.partial(results.call, seconds=1)
+    monkeypatch.setattr(lora, "call", quick)
+
+    def replace_linear_with_lora(model, rank, alpha):
+        while True:
+            pass
+
+    result = exercises.check_lora(solution[0], replace_linear_with_lora)
+    assert result.status == "wrong"
+    assert "TimeoutError" in result.message and "loop that never ends" in result.message

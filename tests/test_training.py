@@ -6,7 +6,7 @@ generator is restored; the data are the first 30 entries of the shipped dataset.
 A resumed run must end exactly where an uninterrupted one does, whether it was
 stopped inside an epoch or killed after an end-of-epoch checkpoint (a real process,
 killed with SIGKILL); a loss that is not finite stops training with nothing saved
-as finished.
+as finished. Its messages speak to a notebook, or to the command line with its flags.
 """
 
 import json
@@ -673,3 +673,68 @@ def test_check_memory_suggests_a_model_that_fits(monkeypatch, capsys, free_gb, s
         assert "Fine-tuning fits." in out
     else:
         assert f'COURSE_MODEL="{suggestion.split(" ")[0]}"' in out
+
+
+# -- the words of the messages: a notebook's cells, or the command's own flags --------------
+
+
+def test_a_refused_checkpoint_speaks_to_the_notebook_or_the_command_line(
+    entries, tokenizer, tmp_path
+):
+    checkpoint = tmp_path / "run-checkpoint.pth"
+    run(entries, tokenizer, checkpoint_path=checkpoint, max_steps=1, run_config={"batch_size": 8})
+    again = dict(checkpoint_path=checkpoint, run_config={"batch_size": 4})
+    with pytest.raises(ValueError) as notebook:
+        run(entries, tokenizer, **again)
+    with pytest.raises(ValueError) as command_line:
+        run(entries, tokenizer, interface="command line", **again)
+    said = str(notebook.value)
+    assert "batch_size 8 then, 4 now" in said and "the training cell then starts" in said
+    assert "COURSE_RETRAIN=1 (force=True)" in said and "(COURSE_BATCH_SIZE=8)" in said
+    assert "run the cell again to continue it" in said and "--" not in said
+    said = str(command_line.value)
+    assert "batch_size 8 then, 4 now" in said and "the same command then starts" in said
+    assert "add --retrain" in said and "(--batch-size 8)" in said
+    assert "run the same command again to continue it" in said
+    assert "cell" not in said and "force=True" not in said and "COURSE_" not in said
+
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])  # a cut-off copy
+    with pytest.raises(RuntimeError, match=r"could not be read.*add --retrain") as damaged:
+        run(entries, tokenizer, interface="command line", **again)
+    assert "notebook" not in str(damaged.value)
+    with pytest.raises(ValueError, match="interface='shell': use 'notebook' or 'command line'"):
+        run(entries, tokenizer, interface="shell")
+
+
+def test_ctrl_c_on_the_command_line_says_to_run_the_same_command_again(
+    entries, tokenizer, tmp_path, capsys
+):
+    checkpoint = tmp_path / "run-checkpoint.pth"
+    model, train_loader, val_loader, optimizer = setup_run(entries, tokenizer)
+    interrupt_at_step(optimizer, 3)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_model(
+            model,
+            train_loader,
+            val_loader,
+            optimizer,
+            "cpu",
+            EPOCHS,
+            EVAL_FREQ,
+            EVAL_ITER,
+            helpers.format_input(entries[-1]),
+            tokenizer,
+            checkpoint_path=checkpoint,
+            checkpoint_every=1,
+            checkpoint_minutes=None,
+            show_progress=False,
+            interface="command line",
+        )
+    out = capsys.readouterr().out
+    assert "Interrupted. The last checkpoint is in run-checkpoint.pth" in out
+    assert "run the same command again to continue from there" in out and "cell" not in out
+    history, _ = run(entries, tokenizer, checkpoint_path=checkpoint, interface="command line")
+    assert history["finished"]
+    run(entries, tokenizer, checkpoint_path=checkpoint, interface="command line")
+    out = capsys.readouterr().out
+    assert "already finished" in out and "Add --retrain to train again." in out

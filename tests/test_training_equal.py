@@ -1,5 +1,9 @@
 """Notebook 05's claims: the course's loop takes the book's steps, and the training log.
 
+- `course.training.train_model_simple` (listing 7.8's signature, the course's resumable
+  loop underneath) with the book's optimizer gives the losses, tokens seen and printed
+  lines of `helpers.train_model_simple`, without a run set up and with one (which writes
+  the run's `-sft.pth` and training log);
 - `course.training.train_model` with the course's optimizer (`course.speed.make_optimizer`)
   and fast loss gives the losses of the book's `helpers.train_model_simple` with
   `torch.optim.AdamW`, within fp32 rounding, on the offline model (with and without
@@ -20,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import helpers
-from course import artifacts, settings, speed
+from course import artifacts, settings, speed, training
 from course.training import train_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +104,85 @@ def test_train_model_gives_the_losses_of_train_model_simple(entries, tokenizer, 
         ]
 
     assert lines(course_printed) == lines(book_printed) != []
+
+
+def evaluation_lines(text):
+    """The printed evaluation lines, losses masked (they may differ in the last digit)."""
+    return [
+        re.sub(r"\d+\.\d{3}", "#", line) for line in text.splitlines() if line.startswith("Ep ")
+    ]
+
+
+def book_and_course_simple(entries, tokenizer, mask, capsys, before_course=lambda: None):
+    """helpers.train_model_simple, then course.training.train_model_simple, each on a
+    fresh copy of the set-up with torch.optim.AdamW as the book builds it."""
+    results = []
+    for train in (helpers.train_model_simple, None):
+        model, train_loader, val_loader = setup(entries, tokenizer, mask)
+        if train is None:
+            before_course()
+            train = training.train_model_simple
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+        lists = train(
+            model,
+            train_loader,
+            val_loader,
+            optimizer,
+            "cpu",
+            num_epochs=EPOCHS,
+            eval_freq=EVAL_FREQ,
+            eval_iter=EVAL_ITER,
+            start_context=helpers.format_input(entries[-1]),
+            tokenizer=tokenizer,
+        )
+        results.append((lists, capsys.readouterr().out, model))
+    return results
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_course_train_model_simple_gives_the_losses_of_the_books(entries, tokenizer, mask, capsys):
+    training.forget_run()
+    (book, book_out, _), (course, course_out, _) = book_and_course_simple(
+        entries, tokenizer, mask, capsys
+    )
+    assert len(course) == 3 and len(course[0]) == len(book[0]) == 3
+    assert course[0] == pytest.approx(book[0], abs=1e-5, rel=0)
+    assert course[1] == pytest.approx(book[1], abs=1e-5, rel=0)
+    assert course[2] == book[2]
+    assert book[0][-1] < book[0][0] - 0.1  # it trained
+    assert evaluation_lines(course_out) == evaluation_lines(book_out) != []
+    samples = [line for line in book_out.splitlines() if line.startswith("Below is")]
+    assert len(samples) == EPOCHS and all(sample in course_out for sample in samples)
+    assert re.search(r"Training completed in \d+\.\d\d minutes\.", course_out)
+
+
+def test_course_train_model_simple_trains_the_run_set_up_and_saves_it(
+    entries, tokenizer, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("COURSE_ARTIFACTS", str(tmp_path))
+    config = {"model": "offline", "finetune": "full", "batch_size": 8, "seed": 123}
+    run = training.use_run(
+        "offlinetiny", config, initial_losses={"train": 10.9, "val": 10.9}, show_progress=False
+    )
+    try:
+        (book, book_out, _), (course, course_out, model) = book_and_course_simple(
+            entries, tokenizer, False, capsys
+        )
+    finally:
+        training.forget_run()
+    assert course[0] == pytest.approx(book[0], abs=1e-5, rel=0)
+    assert course[1] == pytest.approx(book[1], abs=1e-5, rel=0)
+    assert evaluation_lines(course_out) == evaluation_lines(book_out) != []
+    assert run.history["finished"] and run.history["train_losses"] == course[0]
+    assert "Training completed in" in course_out and "(cpu, fp32)" in course_out
+    assert "Saved offlinetiny-sft.pth" in course_out
+    log = artifacts.read_training_log("offlinetiny")
+    assert log["val_losses"] == course[1] and log["config"]["num_epochs"] == EPOCHS
+    assert log["initial_losses"] == {"train": 10.9, "val": 10.9}
+    saved = torch.load(tmp_path / "offlinetiny-sft.pth", weights_only=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(saved[name], tensor), name
+    assert not (tmp_path / "offlinetiny.lock").exists()  # released
 
 
 def test_the_books_training_log_is_the_official_one():

@@ -1,7 +1,10 @@
-"""Exercise 7.4: the check of the student's LoRA layer and replacement function (notebook 05)."""
+"""Exercise 7.4: the check of the student's LoRA layer and replacement function, and
+which of the two (the student's or the course's) notebook 05's LoRA run trains with.
+"""
 
 from __future__ import annotations
 
+from .lora_layer import LAYER, check_layer, close, error_text, tensor_text
 from .results import Result, call, not_attempted, right, wrong
 
 # A GPTModel small enough to run in milliseconds, with the structure of GPT-2: 2 blocks
@@ -17,104 +20,10 @@ TINY_GPT_CONFIG = {
     "n_heads": 2,
 }
 GPT2_MEDIUM_LORA_PARAMETERS = 7_898_384  # rank 16: the exercise solution's count
+SMALL_MODEL = "a small GPTModel (2 blocks), replace_linear_with_lora(model, rank=2, alpha=3.0)"
 
 
-def _close(a, b) -> bool:
-    import torch
-
-    return tuple(a.shape) == tuple(b.shape) and torch.allclose(a, b, atol=1e-5, rtol=1e-4)
-
-
-def _forward_hint(x, layer, got) -> str:
-    """Why `got`, the student's LinearWithLoRA output for `x`, differs from the book's."""
-    import torch
-
-    with torch.no_grad():
-        plain = layer.linear(x)
-        update = x @ layer.lora.A @ layer.lora.B
-    alpha = layer.lora.alpha
-    if _close(got, plain + update):
-        return (
-            "the adapter's part is not scaled by alpha: LoRALayer.forward multiplies "
-            "x @ A @ B by alpha, so add self.lora(x) rather than computing x @ A @ B yourself."
-        )
-    if _close(got, alpha * update) or _close(got, update):
-        return "the frozen layer's own output is missing: return self.linear(x) + self.lora(x)."
-    if _close(got, plain):
-        return "the adapter's part is missing: add self.lora(x) to self.linear(x)."
-    return "a LinearWithLoRA computes self.linear(x) + self.lora(x): the layer, plus the update."
-
-
-def _tensor_text(t) -> str:
-    return str([round(v, 4) for v in t.flatten()[:4].tolist()]) + " ..."
-
-
-def _check_forward(LinearWithLoRA):
-    """The student's forward on one layer: a no-op at the start, then with B set."""
-    import torch
-    import torch.nn as nn
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        linear = nn.Linear(4, 3)
-        layer = LinearWithLoRA(linear, 2, 2.0)
-        x = torch.randn(2, 5, 4)  # (batch, tokens, in_features), as inside GPT
-        b_values = torch.randn(2, 3)
-    what = "LinearWithLoRA(nn.Linear(4, 3), rank=2, alpha=2.0) on an input of shape (2, 5, 4)"
-    with torch.no_grad():
-        expected = linear(x)
-        kind, got = call(layer, x)
-    if kind == "value" and got is None:
-        return None  # forward not written yet
-    if kind == "error":
-        return wrong(
-            "7.4",
-            what,
-            "a tensor of shape (2, 5, 3)",
-            f"{type(got).__name__}: {got}",
-            "forward raised an error; it gets x of shape (..., in_features).",
-        )
-    if not isinstance(got, torch.Tensor) or tuple(got.shape) != (2, 5, 3):
-        return wrong(
-            "7.4",
-            what,
-            "a tensor of shape (2, 5, 3)",
-            tuple(got.shape) if isinstance(got, torch.Tensor) else got,
-            "return the output of the linear layer plus the adapter's, both (..., out_features).",
-        )
-    if not _close(got, expected):
-        lora = getattr(layer, "lora", None)
-        b_zero = lora is not None and torch.count_nonzero(lora.B).item() == 0
-        hint = (
-            "at the start B is zero, so the LoRA layer must add nothing: the output equals "
-            "the plain layer's. "
-            + (
-                "Here B is zero, yet the output differs: " + _forward_hint(x, layer, got.detach())
-                if b_zero
-                else "Here B is not zero: keep LoRALayer as given (B = torch.zeros), so the "
-                "fine-tuning starts from the pretrained model."
-            )
-        )
-        return wrong(
-            "7.4",
-            what + ", at the start (B is zero)",
-            _tensor_text(expected),
-            _tensor_text(got.detach()),
-            hint,
-        )
-    with torch.no_grad():
-        layer.lora.B.copy_(b_values)
-        expected = linear(x) + 2.0 * (x @ layer.lora.A @ layer.lora.B)
-        got = layer(x)
-    if not _close(got, expected):
-        return wrong(
-            "7.4",
-            what + ", after B was set to random values",
-            _tensor_text(expected),
-            _tensor_text(got),
-            _forward_hint(x, layer, got),
-        )
-    return "forward"
+# -- the whole model -----------------------------------------------------------------------
 
 
 def _linear_names(model) -> list[str]:
@@ -129,63 +38,30 @@ def _module_at(model, name: str):
     return model
 
 
-def check_lora(LinearWithLoRA, replace_linear_with_lora) -> Result:
-    """Exercise 7.4: the student's `LinearWithLoRA` (its forward) and
-    `replace_linear_with_lora(model, rank, alpha)`, against the book's appendix E.
-
-    Checks, in order: the layer is a no-op at the start and computes
-    linear(x) + alpha * x A B; every nn.Linear of a small GPTModel (nested ones and
-    `out_head`) is wrapped once, with the given rank and alpha; the model still computes
-    what it computed; after freezing, gradients reach the adapters only; and GPT-2
-    medium, built on the `meta` device (shapes only, no memory), has 7,898,384 trainable
-    parameters at rank 16.
-    """
+def _small_model(replace_linear_with_lora):
+    """A small frozen GPTModel, its logits before, its linear layers, and the outcome
+    of the student's replace_linear_with_lora(model, 2, 3.0) on it."""
     import torch
 
     import helpers
-
-    forward = _check_forward(LinearWithLoRA)
-    if isinstance(forward, Result):
-        return forward
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = helpers.GPTModel(TINY_GPT_CONFIG).eval()
         token_ids = torch.randint(0, TINY_GPT_CONFIG["vocab_size"], (2, 6))
         with torch.no_grad():
-            expected_logits = model(token_ids)
+            logits = model(token_ids)
         names = _linear_names(model)
         originals = {name: _module_at(model, name) for name in names}
-        for param in model.parameters():
-            param.requires_grad = False
-        kind, err = "value", None
-        try:
-            replace_linear_with_lora(model, 2, 3.0)  # in place
-        except NotImplementedError:  # the scaffold, untouched
-            pass
-        except Exception as exc:  # the student's code may raise anything: report it
-            kind, err = "error", exc
-    what = "a small GPTModel (2 blocks), replace_linear_with_lora(model, rank=2, alpha=3.0)"
-    if kind == "error":
-        return wrong(
-            "7.4",
-            what,
-            "every nn.Linear wrapped in a LinearWithLoRA",
-            f"{type(err).__name__}: {err}",
-            "replace_linear_with_lora raised an error; it changes `model` in place and "
-            "returns nothing.",
-        )
+        model.requires_grad_(False)
+        outcome = call(lambda: replace_linear_with_lora(model, 2, 3.0))  # in place
+    return model, token_ids, logits, originals, outcome
+
+
+def _unreplaced_problem(model, originals, LinearWithLoRA) -> Result | None:
+    """The first linear layer that was not wrapped, with a hint on why."""
+    names = list(originals)
     wrapped = [name for name in names if isinstance(_module_at(model, name), LinearWithLoRA)]
-    if not wrapped and forward is None:
-        return not_attempted("7.4", "LinearWithLoRA.forward and replace_linear_with_lora")
-    if forward is None:
-        return wrong(
-            "7.4",
-            "LinearWithLoRA(nn.Linear(4, 3), rank=2, alpha=2.0) on an input of shape (2, 5, 4)",
-            "a tensor of shape (2, 5, 3)",
-            None,
-            "LinearWithLoRA.forward returns nothing yet: return self.linear(x) + self.lora(x).",
-        )
     for name in names:
         module = _module_at(model, name)
         if isinstance(module, LinearWithLoRA):
@@ -207,16 +83,22 @@ def check_lora(LinearWithLoRA, replace_linear_with_lora) -> Result:
             )
         return wrong(
             "7.4",
-            f"{what}: the layer {name}",
+            f"{SMALL_MODEL}: the layer {name}",
             "a LinearWithLoRA",
             type(module).__name__,
             f"{len(names) - len(wrapped)} of {len(names)} linear layers were not replaced; " + hint,
         )
-    for name in names:
+    return None
+
+
+def _wrapping_problem(model, originals, LinearWithLoRA) -> Result | None:
+    """Each LinearWithLoRA wraps the model's own layer, once, with the given rank and alpha."""
+    import torch
+
+    for name, original in originals.items():
         module = _module_at(model, name)
-        inner = getattr(module, "linear", None)
-        lora = getattr(module, "lora", None)
-        if inner is not originals[name]:
+        inner, lora = getattr(module, "linear", None), getattr(module, "lora", None)
+        if inner is not original:
             if isinstance(inner, LinearWithLoRA):
                 hint = (
                     "this layer is wrapped twice: after wrapping an nn.Linear, do not visit "
@@ -229,7 +111,7 @@ def check_lora(LinearWithLoRA, replace_linear_with_lora) -> Result:
                 )
             return wrong(
                 "7.4",
-                f"{what}: {name}.linear",
+                f"{SMALL_MODEL}: {name}.linear",
                 "the model's original nn.Linear, wrapped once",
                 type(inner).__name__,
                 hint,
@@ -238,62 +120,169 @@ def check_lora(LinearWithLoRA, replace_linear_with_lora) -> Result:
         if shape != (inner.in_features, 2) or getattr(lora, "alpha", None) != 3.0:
             return wrong(
                 "7.4",
-                f"{what}: {name}.lora",
+                f"{SMALL_MODEL}: {name}.lora",
                 f"A of shape {(inner.in_features, 2)} and alpha 3.0",
                 f"A of shape {shape} and alpha {getattr(lora, 'alpha', None)}",
                 "pass replace_linear_with_lora's rank and alpha on to every LinearWithLoRA.",
             )
-    with torch.no_grad():
-        logits = model(token_ids)
-    if not _close(logits, expected_logits):
+    return None
+
+
+def _computing_problem(model, token_ids, expected_logits, names) -> Result | None:
+    """The model computes what it computed, and only the adapters get gradients."""
+    import torch
+
+    kind, logits = call(lambda: model(token_ids))
+    if (
+        kind == "error"
+        or not isinstance(logits, torch.Tensor)
+        or not close(logits, expected_logits)
+    ):
         return wrong(
             "7.4",
-            f"{what}: the logits for token ids {token_ids[0].tolist()}",
-            _tensor_text(expected_logits),
-            _tensor_text(logits),
+            f"{SMALL_MODEL}: the logits for token ids {token_ids[0].tolist()}",
+            tensor_text(expected_logits),
+            error_text(logits) if kind == "error" else getattr(logits, "shape", logits),
             "with B zero the model with adapters must compute what it computed before.",
         )
-    model.train()
-    loss = torch.nn.functional.cross_entropy(
-        model(token_ids).flatten(0, 1), token_ids.roll(-1, 1).flatten()
-    )
-    loss.backward()
-    adapters = {
-        f"{name}.lora.{part}" for name in names for part in ("A", "B")
-    }  # the trainable parameters
+
+    def backward():
+        model.train()
+        logits = model(token_ids)
+        torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), token_ids.roll(-1, 1).flatten()
+        ).backward()
+
+    kind, err = call(backward)
+    adapters = {f"{name}.lora.{part}" for name in names for part in ("A", "B")}
     with_grad = [name for name, p in model.named_parameters() if p.grad is not None]
     stray = [name for name in with_grad if name not in adapters]
     missing = sorted(adapters - set(with_grad))
-    if stray or missing:
+    if kind == "error" or stray or missing:
         return wrong(
             "7.4",
-            f"{what}, after freezing every weight first: parameters that get a gradient",
+            f"{SMALL_MODEL}, after freezing every weight first: parameters that get a gradient",
             "the adapters' A and B only",
-            f"also {stray[0]}" if stray else f"none for {missing[0]}",
+            error_text(err)
+            if kind == "error"
+            else (f"also {stray[0]}" if stray else f"none for {missing[0]}"),
             "freeze first (requires_grad = False on every parameter), then replace: the "
             "adapters are new and train, the wrapped nn.Linear must stay the frozen one.",
         )
+    return None
 
-    with torch.device("meta"):  # GPT-2 medium's shapes, no memory
-        medium = helpers.GPTModel(
-            {**helpers.BASE_CONFIG, **helpers.model_configs["gpt2-medium (355M)"]}
-        )
-        for param in medium.parameters():
-            param.requires_grad = False
-        replace_linear_with_lora(medium, 16, 16)
-    trainable = sum(p.numel() for p in medium.parameters() if p.requires_grad)
-    if trainable != GPT2_MEDIUM_LORA_PARAMETERS:
+
+def _check_model(LinearWithLoRA, replace_linear_with_lora, forward) -> Result | int:
+    """replace_linear_with_lora on a small GPTModel: a Result when something is wrong or
+    nothing is written yet, else the number of linear layers it wrapped."""
+    model, token_ids, logits, originals, (kind, err) = _small_model(replace_linear_with_lora)
+    if kind == "error":
         return wrong(
             "7.4",
-            "GPT-2 medium (on the meta device), frozen, then replace_linear_with_lora(model, 16, 16)",
-            f"{GPT2_MEDIUM_LORA_PARAMETERS:,} trainable parameters",
-            f"{trainable:,}",
-            "each of the 145 linear layers gets A (in, 16) and B (16, out), nothing else trains.",
+            SMALL_MODEL,
+            "every nn.Linear wrapped in a LinearWithLoRA",
+            error_text(err),
+            "replace_linear_with_lora raised an error; it changes `model` in place and "
+            "returns nothing.",
         )
-    return right(
+    if not any(isinstance(m, LinearWithLoRA) for m in model.modules()) and forward is None:
+        return not_attempted("7.4", "LinearWithLoRA.forward and replace_linear_with_lora")
+    if forward is None:
+        return wrong(
+            "7.4",
+            f"{LAYER} on an input of shape (2, 5, 4)",
+            "a tensor of shape (2, 5, 3)",
+            None,
+            "LinearWithLoRA.forward returns nothing yet: return self.linear(x) + self.lora(x).",
+        )
+    return (
+        _unreplaced_problem(model, originals, LinearWithLoRA)
+        or _wrapping_problem(model, originals, LinearWithLoRA)
+        or _computing_problem(model, token_ids, logits, list(originals))
+        or len(originals)
+    )
+
+
+def _check_gpt2_medium(replace_linear_with_lora) -> Result | None:
+    """GPT-2 medium on the meta device (shapes only), frozen, then rank 16: 7,898,384."""
+    import torch
+
+    import helpers
+
+    def count():
+        with torch.device("meta"):  # GPT-2 medium's shapes, no memory
+            medium = helpers.GPTModel(
+                {**helpers.BASE_CONFIG, **helpers.model_configs["gpt2-medium (355M)"]}
+            )
+            medium.requires_grad_(False)
+            replace_linear_with_lora(medium, 16, 16)
+        return sum(p.numel() for p in medium.parameters() if p.requires_grad)
+
+    kind, trainable = call(count)
+    if kind == "value" and trainable == GPT2_MEDIUM_LORA_PARAMETERS:
+        return None
+    return wrong(
         "7.4",
-        f"The layer adds nothing while B is zero and alpha * x A B after; all {len(names)} "
-        "linear layers of a small GPTModel (out_head included) are wrapped once, compute what "
-        "they computed and only the adapters get gradients; GPT-2 medium at rank 16 trains "
-        f"{GPT2_MEDIUM_LORA_PARAMETERS:,} parameters.",
+        "GPT-2 medium (on the meta device), frozen, then replace_linear_with_lora(model, 16, 16)",
+        f"{GPT2_MEDIUM_LORA_PARAMETERS:,} trainable parameters",
+        error_text(trainable) if kind == "error" else f"{trainable:,}",
+        "each of the 145 linear layers gets A (in, 16) and B (16, out), nothing else trains.",
+    )
+
+
+def check_lora(LinearWithLoRA, replace_linear_with_lora) -> Result:
+    """Exercise 7.4: the student's `LinearWithLoRA` (its forward) and
+    `replace_linear_with_lora(model, rank, alpha)`, against the book's appendix E.
+
+    Checks, in order: one layer adds nothing while B is zero and alpha * x A B once B is
+    set, in train and in eval mode, with the input's dtype; through three stacked
+    layers the adapters' gradients equal the course's solution's; every nn.Linear of a
+    small GPTModel (nested ones and `out_head`) is wrapped once, with the given rank and
+    alpha; the model still computes what it computed; after freezing, gradients reach
+    the adapters only; and GPT-2 medium, built on the `meta` device (shapes only, no
+    memory), has 7,898,384 trainable parameters at rank 16. The student's code runs
+    under `call`: errors and endless loops become hints.
+    """
+    forward = check_layer(LinearWithLoRA)
+    if isinstance(forward, Result):
+        return forward
+    layers = _check_model(LinearWithLoRA, replace_linear_with_lora, forward)
+    if isinstance(layers, Result):
+        return layers
+    return _check_gpt2_medium(replace_linear_with_lora) or right(
+        "7.4",
+        f"The layer adds nothing while B is zero and alpha * x A B after, in train and eval "
+        "mode, and passes the course's gradients back through three stacked layers; all "
+        f"{layers} linear layers of a small GPTModel (out_head included) are wrapped once, "
+        "compute what they computed and only the adapters get gradients; GPT-2 medium at "
+        f"rank 16 trains {GPT2_MEDIUM_LORA_PARAMETERS:,} parameters.",
+    )
+
+
+# -- what notebook 05's LoRA run trains with --------------------------------------------------
+
+
+def lora_code_to_train(namespace: dict):
+    """(replace_linear_with_lora, message): the student's, when `namespace` (the
+    notebook's globals()) holds exercise 7.4's LinearWithLoRA and replace_linear_with_lora
+    and the check says right; otherwise the course's solution (helpers.py). The message
+    says whose code trains."""
+    import helpers
+
+    student = namespace.get("LinearWithLoRA"), namespace.get("replace_linear_with_lora")
+    if None in student:
+        return helpers.replace_linear_with_lora, (
+            "LoRA uses the course's solution (helpers.LinearWithLoRA): exercise 7.4, at the "
+            "end of this notebook, has not run in this kernel. Write it, then run the "
+            "notebook again from the top without restarting: it trains with your code."
+        )
+    result = check_lora(*student)
+    if result.status == "right":
+        return student[1], (
+            "LoRA trains with your LinearWithLoRA and replace_linear_with_lora "
+            "(exercise 7.4's check says right)."
+        )
+    return helpers.replace_linear_with_lora, (
+        f"LoRA uses the course's solution (helpers.LinearWithLoRA): exercise 7.4's check "
+        f"says {result.status} for yours (run its check cell to see why)."
     )
