@@ -106,7 +106,7 @@ def load_instruction_data(
     stopped when the cell runs again. A download may bring at most `max_bytes`
     (default: COURSE_DATASET_MAX_MB megabytes) and take at most `max_seconds`.
     """
-    from course import weights  # the robust downloader
+    from course import downloads  # the robust downloader
 
     file_path = Path(file_path)
     if not file_path.exists():
@@ -114,7 +114,7 @@ def load_instruction_data(
             expected_sha256 = DATA_SHA256
         limit_mb = settings.setting("COURSE_DATASET_MAX_MB")
         try:
-            weights.download_file(
+            downloads.download_file(
                 url,
                 file_path,
                 show_progress=show_progress,
@@ -122,7 +122,7 @@ def load_instruction_data(
                 max_bytes=limit_mb * 1_000_000 if max_bytes is None else max_bytes,
                 max_seconds=max_seconds,
             )
-        except weights.DownloadTooLarge as exc:
+        except downloads.DownloadTooLarge as exc:
             fix = (
                 f"The limit is COURSE_DATASET_MAX_MB={limit_mb} (megabytes): if the file "
                 "really is that large, set it higher and run the cell again."
@@ -132,7 +132,7 @@ def load_instruction_data(
             raise DatasetError(f"{exc} {fix}") from None
         except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
             raise ConnectionError(
-                f"Could not download {url}: {weights.describe_network_error(exc, url)}\n"
+                f"Could not download {url}: {downloads.describe_network_error(exc, url)}\n"
                 f"Run the cell again (it resumes), or download the file by hand and save "
                 f"it as {file_path}."
             ) from exc
