@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 import helpers
 from course import lora, settings, training
-from course.exercises.lora import lora_code_to_train
+from course.exercises.lora_run import chapter_lora_code
 from course.training import train_model_simple
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +32,8 @@ def student():
 
 
 def test_a_right_answer_is_what_trains(student):
-    replace, message = lora_code_to_train(student)
-    assert replace is student["replace_linear_with_lora"]
+    replace, code, message = chapter_lora_code(student, "no-such-run")
+    assert replace is student["replace_linear_with_lora"] and code == "yours"
     assert "trains with your LinearWithLoRA" in message
 
 
@@ -46,8 +46,8 @@ def test_until_then_the_course_solution_trains_and_says_why(student):
         "says wrong": {"LinearWithLoRA": cls, "replace_linear_with_lora": replace},
     }
     for why, namespace in kernels.items():
-        chosen, message = lora_code_to_train(namespace)
-        assert chosen is helpers.replace_linear_with_lora, why
+        chosen, code, message = chapter_lora_code(namespace, "no-such-run")
+        assert chosen is helpers.replace_linear_with_lora and code == "course", why
         assert "the course's solution" in message and why in message, message
 
 
@@ -95,7 +95,7 @@ def course_run(tokenizer):
 
 
 def test_the_students_layer_trains_to_the_course_solutions_weights(student, course_run, tokenizer):
-    model, losses = trained(lora_code_to_train(student)[0], tokenizer)
+    model, losses = trained(chapter_lora_code(student, "no-such-run")[0], tokenizer)
     course_model, course_losses = course_run
     # the student's class is what trained
     layers = lora.lora_layers(model)
