@@ -13,13 +13,14 @@ TRAINED_BY = {YOURS: "your LinearWithLoRA", COURSE: "the course's solution (help
 
 
 def trained_by(stem: str) -> str | None:
-    """Whose LoRA code trained the finished run `stem`, as its training log records it
-    ("yours" or "course"), or None when there is no readable log or it does not say."""
+    """Whose LoRA code trained the finished run `stem`, as its training log records it:
+    "yours" or "course" (also for a log that does not say: `python -m course.finetune`
+    trains with the course's code); None when there is no readable log."""
     try:
         config = artifacts.read_training_log(stem)["config"]
     except (artifacts.ArtifactError, KeyError, TypeError):
         return None
-    return config.get("lora_code") if isinstance(config, dict) else None
+    return config.get("lora_code", COURSE) if isinstance(config, dict) else None
 
 
 def chapter_lora_code(namespace: dict, stem: str, retrain: bool = False):
