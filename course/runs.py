@@ -171,8 +171,9 @@ def write_results(run, model, device, optimizer, plan, steps_per_epoch, reloaded
         steps_per_epoch=steps_per_epoch,
     )
     run.training_log["config"].update(run.log_extra)
-    if reloaded:
-        return  # its files are there, written when it trained
+    if reloaded:  # its files are there, written when it trained: keep what they record
+        run.training_log["config"].update(_recorded_extra(run))
+        return
     if run.config.get("finetune") == "lora":
         from course.lora import merged_state_dict
 
@@ -183,6 +184,15 @@ def write_results(run, model, device, optimizer, plan, steps_per_epoch, reloaded
     artifacts.write_training_log(run.stem, run.training_log)
     size_mb = run.sft_path.stat().st_size / 1e6
     print(f"Saved {run.sft_path.name} ({size_mb:.0f} MB) and {run.log_path.name}")
+
+
+def _recorded_extra(run: Run) -> dict:
+    """The entries of `run.log_extra` as the run's training log recorded them."""
+    try:
+        recorded = artifacts.read_training_log(run.stem)["config"]
+    except (artifacts.ArtifactError, KeyError, TypeError):
+        return {}
+    return {key: recorded[key] for key in run.log_extra if key in recorded}
 
 
 def run_config(

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 import helpers
 from course import lora, settings, training
-from course.exercises.lora import lora_code_to_train
+from course.exercises.lora import check_lora
+from course.exercises.lora_run import chapter_lora_code, train_again_with_yours
 from course.training import train_model_simple
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +33,8 @@ def student():
 
 
 def test_a_right_answer_is_what_trains(student):
-    replace, message = lora_code_to_train(student)
-    assert replace is student["replace_linear_with_lora"]
+    replace, code, message = chapter_lora_code(student, "no-such-run")
+    assert replace is student["replace_linear_with_lora"] and code == "yours"
     assert "trains with your LinearWithLoRA" in message
 
 
@@ -46,8 +47,8 @@ def test_until_then_the_course_solution_trains_and_says_why(student):
         "says wrong": {"LinearWithLoRA": cls, "replace_linear_with_lora": replace},
     }
     for why, namespace in kernels.items():
-        chosen, message = lora_code_to_train(namespace)
-        assert chosen is helpers.replace_linear_with_lora, why
+        chosen, code, message = chapter_lora_code(namespace, "no-such-run")
+        assert chosen is helpers.replace_linear_with_lora and code == "course", why
         assert "the course's solution" in message and why in message, message
 
 
@@ -95,7 +96,7 @@ def course_run(tokenizer):
 
 
 def test_the_students_layer_trains_to_the_course_solutions_weights(student, course_run, tokenizer):
-    model, losses = trained(lora_code_to_train(student)[0], tokenizer)
+    model, losses = trained(chapter_lora_code(student, "no-such-run")[0], tokenizer)
     course_model, course_losses = course_run
     # the student's class is what trained
     layers = lora.lora_layers(model)
@@ -122,3 +123,20 @@ def test_a_layer_with_other_numbers_ends_elsewhere(student, course_run, tokenize
     course_model, course_losses = course_run
     assert losses != course_losses
     assert not torch.equal(model.out_head.lora.B, course_model.out_head.lora.B)
+
+
+def test_the_exercises_last_cell_trains_again_only_when_it_should(student, tmp_path, monkeypatch):
+    """After the check: nothing without COURSE_FINETUNE=lora or while the check is not
+    right (the course's solution trained the run), and a retraining when it is right and
+    no log says the student's code trained the run (the notebook test covers that)."""
+    monkeypatch.setenv("COURSE_ARTIFACTS", str(tmp_path))
+    right = check_lora(student["LinearWithLoRA"], student["replace_linear_with_lora"])
+    scaffold = define(notebook_cells()[0])
+    not_yet = check_lora(scaffold["LinearWithLoRA"], scaffold["replace_linear_with_lora"])
+    assert right.status == "right"
+    again, message = train_again_with_yours("full", right, "offlinetiny")
+    assert not again and "COURSE_FINETUNE=lora" in message
+    again, message = train_again_with_yours("lora", not_yet, "offlinetiny-lora")
+    assert not again and "the course's solution" in message and not_yet.status in message
+    again, message = train_again_with_yours("lora", right, "offlinetiny-lora")
+    assert again and "trains again now with your LinearWithLoRA" in message

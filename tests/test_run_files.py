@@ -29,8 +29,18 @@ STEM = "offlinetiny"
 BOOK = {"epochs": 1, "lr": 5e-4, "batch_size": 8, "seed": 123, "weight_decay": 0.1}
 
 
+RUNS: list = []  # the runs `train` set up, the last one last
+
+
 def train(
-    tokenizer, *, finetune="full", lora_rank=4, retrain=False, interface="notebook", **changes
+    tokenizer,
+    *,
+    finetune="full",
+    lora_rank=4,
+    retrain=False,
+    interface="notebook",
+    log_extra=None,
+    **changes,
 ):
     """Notebook 05 in small: set up the run, then the book's train_model_simple call."""
     max_steps = changes.pop("max_steps", None)
@@ -59,14 +69,16 @@ def train(
         "seed": s["seed"],
     }
     stem = STEM + ("-lora" if finetune == "lora" else "")
-    training.use_run(
+    run = training.use_run(
         stem,
         config,
         retrain=retrain,
         max_steps=max_steps,
         show_progress=False,
         interface=interface,
+        log_extra=log_extra or {},
     )
+    RUNS.append(run)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     try:
         return training.train_model_simple(
@@ -249,3 +261,23 @@ if __name__ == "__main__":  # one run, for the tests above: epochs, interface
     except RunInProgress as exc:
         print(f"Error: {exc}", flush=True)
         sys.exit(3)
+
+
+def test_whose_lora_code_trained_is_logged_and_makes_no_other_run(tokenizer, folder, capsys):
+    """Notebook 05 records in the log whose LoRA code trained ("yours" or "course"): not a
+    setting, so the next pass with the other code loads the run (nothing set aside) and
+    says what the log recorded; retraining records the new code."""
+    train(tokenizer, finetune="lora", log_extra={"lora_code": "course"})
+    stem = f"{STEM}-lora"
+    log_bytes = (folder / f"{stem}-training-log.json").read_bytes()
+    capsys.readouterr()
+
+    train(tokenizer, finetune="lora", log_extra={"lora_code": "yours"})
+    assert "Saved" not in capsys.readouterr().out  # loaded, not trained
+    assert RUNS[-1].training_log["config"]["lora_code"] == "course"  # what trained it
+    assert (folder / f"{stem}-training-log.json").read_bytes() == log_bytes
+    assert backups(folder) == []
+
+    train(tokenizer, finetune="lora", retrain=True, log_extra={"lora_code": "yours"})
+    assert artifacts.read_training_log(stem)["config"]["lora_code"] == "yours"
+    assert backups(folder) == []  # the same settings: overwritten, not set aside

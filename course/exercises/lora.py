@@ -1,5 +1,5 @@
-"""Exercise 7.4: the check of the student's LoRA layer and replacement function, and
-which of the two (the student's or the course's) notebook 05's LoRA run trains with.
+"""Exercise 7.4: the check of the student's LoRA layer and replacement function
+(notebook 05; `course.exercises.lora_run` uses it to choose whose code trains the run).
 """
 
 from __future__ import annotations
@@ -256,33 +256,4 @@ def check_lora(LinearWithLoRA, replace_linear_with_lora) -> Result:
         f"{layers} linear layers of a small GPTModel (out_head included) are wrapped once, "
         "compute what they computed and only the adapters get gradients; GPT-2 medium at "
         f"rank 16 trains {GPT2_MEDIUM_LORA_PARAMETERS:,} parameters.",
-    )
-
-
-# -- what notebook 05's LoRA run trains with --------------------------------------------------
-
-
-def lora_code_to_train(namespace: dict):
-    """(replace_linear_with_lora, message): the student's, when `namespace` (the
-    notebook's globals()) holds exercise 7.4's LinearWithLoRA and replace_linear_with_lora
-    and the check says right; otherwise the course's solution (helpers.py). The message
-    says whose code trains."""
-    import helpers
-
-    student = namespace.get("LinearWithLoRA"), namespace.get("replace_linear_with_lora")
-    if None in student:
-        return helpers.replace_linear_with_lora, (
-            "LoRA uses the course's solution (helpers.LinearWithLoRA): exercise 7.4, at the "
-            "end of this notebook, has not run in this kernel. Write it, then run the "
-            "notebook again from the top without restarting: it trains with your code."
-        )
-    result = check_lora(*student)
-    if result.status == "right":
-        return student[1], (
-            "LoRA trains with your LinearWithLoRA and replace_linear_with_lora "
-            "(exercise 7.4's check says right)."
-        )
-    return helpers.replace_linear_with_lora, (
-        f"LoRA uses the course's solution (helpers.LinearWithLoRA): exercise 7.4's check "
-        f"says {result.status} for yours (run its check cell to see why)."
     )
