@@ -1,12 +1,6 @@
-"""Google Colab set-up: what the short Colab cell at the top of every notebook calls.
-
-On Colab, the cell fetches the course (git clone), changes into it and calls `setup`,
-which installs the few packages Colab lacks and, if asked, keeps artifacts/ on Google
-Drive. Notebook 09 calls `start_ollama`, which installs Ollama on the Colab machine,
-starts it and pulls the judge model. Outside Colab neither does anything.
-
-This module imports only the standard library at the top: it runs right after the
-clone, before the packages it installs are there.
+"""Google Colab set-up: `setup`, which the Colab cell at the top of every notebook calls after
+cloning the course, and `start_ollama` for notebook 09's judge. Outside Colab neither does
+anything; only the standard library is imported at the top (it runs before the installs).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ less work, and `train_model_dpo`, the book's loop that survives interruptions.
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -410,20 +409,14 @@ def train_model_dpo(
     eval_iter: int,
     start_context: str,
     tokenizer,
-    checkpoint_path: str | Path | None = None,
-    precision: str = "fp32",
-    run_config: dict | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_minutes: float | None = 5.0,
-    force: bool = False,
-    max_steps: int | None = None,
-    show_progress: bool = True,
+    **options,
 ) -> dict[str, Any]:
     """`train_model_dpo_simple` that survives interruptions, with a progress bar.
 
     The same steps, evaluations and printed lines as the book's loop (with fp32, the
     same losses and rewards, through `compute_dpo_loss_batch_fast`), run by
-    `course.training.run_resumable`, the loop of fine-tuning. In addition:
+    `course.training.run_resumable`, the loop of fine-tuning. In addition, these keywords
+    (`course.resumable.LoopOptions`):
 
     - `checkpoint_path`: the policy's weights, the optimizer, the random number
       generators, the position in the epoch and the tracked values are saved there
@@ -448,23 +441,6 @@ def train_model_dpo(
             policy_model, reference_model, train_loader, val_loader, beta, eval_iter
         ),
     )
-    return run_resumable(
-        task,
-        policy_model,
-        train_loader,
-        optimizer,
-        device,
-        num_epochs,
-        eval_freq,
-        eval_iter,
-        start_context,
-        tokenizer,
-        checkpoint_path=checkpoint_path,
-        precision=precision,
-        run_config={"beta": beta, **(run_config or {})},
-        checkpoint_every=checkpoint_every,
-        checkpoint_minutes=checkpoint_minutes,
-        force=force,
-        max_steps=max_steps,
-        show_progress=show_progress,
-    )
+    options["run_config"] = {"beta": beta, **(options.get("run_config") or {})}
+    book = (num_epochs, eval_freq, eval_iter, start_context, tokenizer)
+    return run_resumable(task, policy_model, train_loader, optimizer, device, book, **options)

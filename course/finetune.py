@@ -331,6 +331,8 @@ def train(model, entries, loaders, device, precision, plan: Plan, args, initial)
     else:
         task = training.single_process_task(model, loaders[0], loaders[1], device, EVAL_ITER)
     try:
+        start_context = helpers.format_input(entries[1][0], p["PROMPT_STYLE"])
+        book = (p["NUM_EPOCHS"], EVAL_FREQ, EVAL_ITER, start_context, helpers.get_tokenizer())
         return training.train_run(
             run,
             task,
@@ -338,11 +340,7 @@ def train(model, entries, loaders, device, precision, plan: Plan, args, initial)
             loaders[0],
             optimizer,
             device,
-            p["NUM_EPOCHS"],
-            EVAL_FREQ,
-            EVAL_ITER,
-            helpers.format_input(entries[1][0], p["PROMPT_STYLE"]),
-            helpers.get_tokenizer(),
+            book,
             main_process=processes.main,
             barrier=processes.patient_barrier if processes.several else None,
         )

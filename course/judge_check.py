@@ -1,8 +1,6 @@
-"""Checking a live judge: your responses against the book's, pairwise in both orders, two prompts.
-
-Notebook 12 (bonus) calls `check_judge`. Every request goes through `course.judge`'s
-bounded `query_model`; every reply is kept in `<run>-judge-check-<judge>.json`, keyed to
-the responses judged, so an interrupted check continues where it stopped.
+"""Checking a live judge (notebook 12): your responses against the book's, pairwise in both
+orders, and two scoring prompts, each request bounded by course.judge's limits and every
+reply kept in `<run>-judge-check-<judge>.json` so an interrupted check continues.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
-"""Do the splits share instructions? The leakage check of notebook 01.
-
-A test entry whose instruction also appears among the training entries asks the
-fine-tuned model something it has practised; when the input is the same too, the
-model has seen that very prompt with an answer. Such entries measure memory more
-than the ability to follow new instructions, so a score on them flatters the model.
-
-`find_overlaps` reports every entry of a later split whose instruction appears in an
-earlier one: word for word ("exact"), or only after normalising case, spacing and
-punctuation ("near": "Rewrite this sentence as a question." and "rewrite this
-sentence as a question"). It also says whether the input matches as well, which
-makes the whole prompt a repeat.
+"""Do the splits share instructions? Notebook 01's leakage check: `find_overlaps` reports test
+or validation entries whose instruction (word for word, or after normalising case, spacing
+and punctuation) also appears in an earlier split, and whether the input matches too.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
-"""Notebook 07's machinery: which fine-tuned model to load, and resumable batched extraction.
-
-The book's listing 7.9 generates one response at a time with `helpers.generate`.
-`generate_responses` gives the same responses (the same greedy tokens, through
-`course.speed.generate_batch`), many prompts at a time with a key/value cache, and
-keeps the responses made so far in a progress file, so an interrupted run continues
-where it stopped.
-
-The progress file (`path_for("responses-progress", stem)`) holds
-`{"made_with": {...}, "responses": {"<index>": "<response>", ...}}`. Its responses are
-reused only when `made_with` is the same: the same test entries (a SHA-256 of their
-content), the same weights (a SHA-256 of the file), the same prompt style and token limit.
+"""Notebook 07's machinery: which fine-tuned model to load, and extraction that gives the
+book's greedy responses many prompts at a time, kept in a progress file that an
+interrupted run continues from (reused only for the same entries, weights, style and limit).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 
 import helpers
 from course.checkpoints import (
@@ -52,17 +52,24 @@ class Task:
     history: Callable  # progress -> what the training function returns
 
 
-@dataclass
-class Plan:
-    """How `run_resumable` runs: the arguments it shares with `train_model`."""
+class BookLoop(NamedTuple):
+    """The book's loop arguments after the device (listing 7.8): how long, how it reports."""
 
     num_epochs: int
     eval_freq: int
     eval_iter: int
     start_context: str
     tokenizer: object
-    checkpoint_path: Path | None = None
+
+
+@dataclass
+class LoopOptions:
+    """The keywords of `run_resumable`, `course.training.train_model` and
+    `course.dpo.train_model_dpo` beyond the book's arguments (see train_model)."""
+
+    checkpoint_path: str | Path | None = None
     precision: str = "fp32"
+    run_config: dict | None = None
     checkpoint_every: int | None = None
     checkpoint_minutes: float | None = 5.0
     force: bool = False
@@ -70,6 +77,26 @@ class Plan:
     show_progress: bool = True
     save_checkpoints: bool = True
     interface: str = "notebook"
+
+    def __post_init__(self):
+        if self.checkpoint_path is not None:
+            self.checkpoint_path = Path(self.checkpoint_path)
+
+
+@dataclass(kw_only=True)
+class Plan(LoopOptions):
+    """How `run_resumable` runs: the book's loop arguments and the options."""
+
+    num_epochs: int
+    eval_freq: int
+    eval_iter: int
+    start_context: str
+    tokenizer: object
+
+
+def make_plan(book: BookLoop, options: LoopOptions) -> Plan:
+    """The book's arguments and the options in one `Plan`."""
+    return Plan(**book._asdict(), **vars(options))
 
 
 def run_settings(optimizer, steps_per_epoch: int, plan: Plan, run_config: dict | None) -> dict:
@@ -99,54 +126,20 @@ def check_loop_arguments(train_loader, eval_freq: int, eval_iter: int) -> None:
         )
 
 
-def run_resumable(
-    task: Task,
-    model: nn.Module,
-    train_loader,
-    optimizer: torch.optim.Optimizer,
-    device,
-    num_epochs: int,
-    eval_freq: int,
-    eval_iter: int,
-    start_context: str,
-    tokenizer,
-    checkpoint_path: str | Path | None = None,
-    precision: str = "fp32",
-    run_config: dict | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_minutes: float | None = 5.0,
-    force: bool = False,
-    max_steps: int | None = None,
-    show_progress: bool = True,
-    save_checkpoints: bool = True,
-    interface: str = "notebook",
-) -> dict:
+def run_resumable(task: Task, model, train_loader, optimizer, device, book, **options) -> dict:
     """The resumable loop of `course.training.train_model` and `course.dpo.train_model_dpo`:
-    `task` says what it trains, the other arguments are theirs.
+    `task` says what it trains, `book` the book's loop arguments (`BookLoop`), `options`
+    the keywords of `LoopOptions`.
 
     `save_checkpoints=False`: this process continues from `checkpoint_path` but never
     writes it (the processes of a `torchrun` run other than rank 0, see course.finetune).
     `interface` ("notebook" or "command line") chooses the words of its messages.
     """
-    words_for(interface)  # an unknown interface stops here
-    check_loop_arguments(train_loader, eval_freq, eval_iter)
-    plan = Plan(
-        num_epochs,
-        eval_freq,
-        eval_iter,
-        start_context,
-        tokenizer,
-        None if checkpoint_path is None else Path(checkpoint_path),
-        precision,
-        checkpoint_every,
-        checkpoint_minutes,
-        force,
-        max_steps,
-        show_progress,
-        save_checkpoints,
-        interface,
-    )
-    settings = run_settings(optimizer, len(train_loader), plan, run_config)
+    options = LoopOptions(**options)  # an unknown keyword stops here
+    words_for(options.interface)  # and so does an unknown interface
+    check_loop_arguments(train_loader, book.eval_freq, book.eval_iter)
+    plan = make_plan(BookLoop(*book), options)
+    settings = run_settings(optimizer, len(train_loader), plan, options.run_config)
     loop = _Loop(task, model, train_loader, optimizer, torch.device(device), plan, settings)
     return loop.run()
 

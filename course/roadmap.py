@@ -1,10 +1,6 @@
-"""The chapter's roadmap: its three stages, their nine steps, and where a notebook stands.
-
-Chapter 7 returns again and again to one picture of its plan (the book's figure 7.3):
-stage 1 prepares the dataset, stage 2 fine-tunes the LLM, stage 3 evaluates it, three
-steps each. Every notebook of the course is one of those steps (or a bonus after
-them), and its introduction draws this map with the step it teaches marked
-"you are here".
+"""The chapter's roadmap (the book's figure 7.3): three stages of three steps, the bonus
+notebooks beside them, and "you are here" on the step a notebook teaches. Every notebook's
+introduction draws it with `show`.
 """
 
 from __future__ import annotations
@@ -104,34 +100,14 @@ def draw(notebook: int):
                 size=7,
             )
             if where == "here":
-                ax.annotate(
-                    "you are here",
-                    (x0 + 0.54 + i * 1.0, 0.98),
-                    (x0 + 0.54 + i * 1.0, 0.5),
-                    ha="center",
-                    va="center",
-                    fontsize=9,
-                    fontweight="bold",
-                    color="#e76f51",
-                    arrowprops={"arrowstyle": "->", "color": "#e76f51"},
-                )
+                mark_here(ax, (x0 + 0.54 + i * 1.0, 0.98), (x0 + 0.54 + i * 1.0, 0.5), "center")
     ax.text(10.6, 2.6, "Bonus", ha="center", va="center", fontsize=10, fontweight="bold")
     for i, (number, title) in enumerate(BONUS):
         where = state(number, notebook)
         y = 1.85 - i * 0.72
         box(10.0, y, 1.2, 0.62, f"{number} {title}", colours[where], bold=where == "here", size=7)
         if where == "here":
-            ax.annotate(
-                "you are here",
-                (11.22, y + 0.31),
-                (11.45, y + 0.31),
-                ha="left",
-                va="center",
-                fontsize=9,
-                fontweight="bold",
-                color="#e76f51",
-                arrowprops={"arrowstyle": "->", "color": "#e76f51"},
-            )
+            mark_here(ax, (11.22, y + 0.31), (11.45, y + 0.31), "left")
     fig.tight_layout()
     return fig
 
@@ -142,3 +118,18 @@ def show(notebook: int) -> None:
 
     draw(notebook)
     plt.show()
+
+
+def mark_here(ax, box_edge: tuple, label_at: tuple, align: str) -> None:
+    """The "you are here" label at `label_at`, its arrow pointing at `box_edge`."""
+    ax.annotate(
+        "you are here",
+        box_edge,
+        label_at,
+        ha=align,
+        va="center",
+        fontsize=9,
+        fontweight="bold",
+        color="#e76f51",
+        arrowprops={"arrowstyle": "->", "color": "#e76f51"},
+    )

@@ -70,7 +70,7 @@ def _acquire(path: Path, stem: str, words: Words) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise ArtifactWriteError(artifacts._write_problem(path, exc)) from None
+            raise ArtifactWriteError(artifacts.write_problem(path, exc)) from None
         try:
             _lock(fd)
         except OSError as exc:
@@ -242,6 +242,6 @@ def _new_backup_folder(stem: str) -> Path:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise ArtifactWriteError(artifacts._write_problem(folder, exc)) from None
+            raise ArtifactWriteError(artifacts.write_problem(folder, exc)) from None
         return folder
     raise ArtifactError(f"Too many backups named {base.name}-* in {base.parent}.")

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from course import artifacts
 from course.checkpoints import changed_settings, recorded_settings, words_for
-from course.resumable import Plan, Task, run_resumable, run_settings
+from course.resumable import BookLoop, LoopOptions, Task, make_plan, run_resumable, run_settings
 from course.run_files import run_lock, set_aside_replaced_run
 
 
@@ -88,11 +88,7 @@ def train_run(
     train_loader,
     optimizer: torch.optim.Optimizer,
     device,
-    num_epochs: int,
-    eval_freq: int,
-    eval_iter: int,
-    start_context: str,
-    tokenizer,
+    book: BookLoop,
     *,
     main_process: bool = True,
     barrier=None,
@@ -104,22 +100,19 @@ def train_run(
     at the end writes `-sft.pth` and the training log. Under torchrun the other
     processes pass `main_process=False` and `barrier` (they wait for the set-aside).
     """
-    plan = Plan(
-        num_epochs,
-        eval_freq,
-        eval_iter,
-        start_context,
-        tokenizer,
-        run.checkpoint_path,
-        run.precision,
-        run.checkpoint_every,
-        run.checkpoint_minutes,
-        run.retrain,
-        run.max_steps,
-        run.show_progress and main_process,
-        main_process,
-        run.interface,
+    options = LoopOptions(
+        checkpoint_path=run.checkpoint_path,
+        precision=run.precision,
+        run_config=run.config,
+        checkpoint_every=run.checkpoint_every,
+        checkpoint_minutes=run.checkpoint_minutes,
+        force=run.retrain,
+        max_steps=run.max_steps,
+        show_progress=run.show_progress and main_process,
+        save_checkpoints=main_process,
+        interface=run.interface,
     )
+    plan = make_plan(BookLoop(*book), options)
     words = words_for(run.interface)
     settings = run_settings(optimizer, len(train_loader), plan, run.config)
     guard = run_lock(run.stem, words) if main_process else contextlib.nullcontext()
@@ -130,13 +123,7 @@ def train_run(
         if barrier is not None:
             barrier()
         run.history = run_resumable(
-            task,
-            model,
-            train_loader,
-            optimizer,
-            device,
-            **{name: getattr(plan, name) for name in vars(plan)},
-            run_config=run.config,
+            task, model, train_loader, optimizer, device, book, **vars(options)
         )
         if main_process and run.history["finished"]:
             write_results(run, model, device, optimizer, plan, len(train_loader), reloaded)

@@ -1,10 +1,6 @@
-"""The COURSE_* settings, each checked where it is read, and the model names.
-
-Every notebook's parameters cell reads its values through `setting`, so a run
-changes without editing a notebook (`COURSE_EPOCHS=1 jupyter lab`). A value of the
-wrong type or outside its range stops with a message that names the variable and
-what it accepts. `check_all` checks every variable at once (run_course.py does that
-before it runs anything).
+"""The COURSE_* settings, each checked where it is read (a wrong value names the variable and
+what it accepts), and the model names. Every notebook's parameters cell reads them through
+`setting`; run_course.py checks them all first (`check_all`).
 """
 
 from __future__ import annotations

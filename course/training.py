@@ -1,15 +1,9 @@
-"""Notebook 05's training: the book's `train_model_simple` call, resumable underneath.
-
-`train_model_simple` has listing 7.8's signature and trains the run `use_run` set up
-(`course.runs`); `train_model` is the loop with every option. Both run
-`course.resumable.run_resumable` on the fast paths of `course.speed`, with the book's
-steps, evaluations and printed lines (with fp32, the same losses as
-`helpers.train_model_simple`). Used by notebook 05 and `python -m course.finetune`.
+"""Notebook 05's training: the book's `train_model_simple` call (listing 7.8's signature),
+resumable underneath, on the run `use_run` set up; `train_model` takes every option. Used by
+notebook 05, `python -m course.finetune` and the tests.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -141,10 +135,10 @@ def train_model_simple(
     run = current_run()
     if run is None:
         history = run_resumable(
-            task, model, train_loader, optimizer, device, *book, show_progress=False
+            task, model, train_loader, optimizer, device, book, show_progress=False
         )
     else:
-        history = train_run(run, task, model, train_loader, optimizer, device, *book)
+        history = train_run(run, task, model, train_loader, optimizer, device, book)
     if history["finished"]:
         where = "" if run is None else f" ({torch.device(device).type}, {run.precision})"
         print(f"Training completed in {history['train_seconds'] / 60:.2f} minutes{where}.")
@@ -162,20 +156,12 @@ def train_model(
     eval_iter: int,
     start_context: str,
     tokenizer,
-    checkpoint_path: str | Path | None = None,
-    precision: str = "fp32",
-    run_config: dict | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_minutes: float | None = 5.0,
-    force: bool = False,
-    max_steps: int | None = None,
-    show_progress: bool = True,
-    interface: str = "notebook",
+    **options,
 ) -> dict:
     """`train_model_simple` that survives interruptions, with a progress bar.
 
     The same steps, evaluations and printed lines as the book's loop (with fp32, the
-    same losses). In addition:
+    same losses). In addition, these keywords (`course.resumable.LoopOptions`):
 
     - `checkpoint_path`: everything needed to continue (weights, optimizer, random
       number generators, position in the epoch, losses so far) is saved there after
@@ -195,24 +181,5 @@ def train_model(
     `global_step`, `train_seconds` and `finished`.
     """
     task = single_process_task(model, train_loader, val_loader, device, eval_iter)
-    return run_resumable(
-        task,
-        model,
-        train_loader,
-        optimizer,
-        device,
-        num_epochs,
-        eval_freq,
-        eval_iter,
-        start_context,
-        tokenizer,
-        checkpoint_path=checkpoint_path,
-        precision=precision,
-        run_config=run_config,
-        checkpoint_every=checkpoint_every,
-        checkpoint_minutes=checkpoint_minutes,
-        force=force,
-        max_steps=max_steps,
-        show_progress=show_progress,
-        interface=interface,
-    )
+    book = (num_epochs, eval_freq, eval_iter, start_context, tokenizer)
+    return run_resumable(task, model, train_loader, optimizer, device, book, **options)
