@@ -135,10 +135,10 @@ def run_resumable(task: Task, model, train_loader, optimizer, device, book, **op
     writes it (the processes of a `torchrun` run other than rank 0, see course.finetune).
     `interface` ("notebook" or "command line") chooses the words of its messages.
     """
-    options = LoopOptions(**options)  # an unknown keyword stops here
+    book, options = BookLoop(*book), LoopOptions(**options)  # an unknown keyword stops here
     words_for(options.interface)  # and so does an unknown interface
     check_loop_arguments(train_loader, book.eval_freq, book.eval_iter)
-    plan = make_plan(BookLoop(*book), options)
+    plan = make_plan(book, options)
     settings = run_settings(optimizer, len(train_loader), plan, options.run_config)
     loop = _Loop(task, model, train_loader, optimizer, torch.device(device), plan, settings)
     return loop.run()
