@@ -14,7 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from course import artifacts, judge
+from course import artifacts, ollama_client
+from course.bounded_http import open_until, read_bounded
 from course.export import ExportError, ollama_parameters, template
 
 PIECE_TIMEOUT_S = 120  # the longest wait for one piece of an answer
@@ -36,9 +37,9 @@ def ollama_version(host: str | None = None, timeout: float = 5) -> str | None:
     OLLAMA_HOST that is no address at all raises course.judge's JudgeError, which says
     what to write instead.
     """
-    base_url = judge.ollama_host(host)
+    base_url = ollama_client.ollama_host(host)
     try:
-        version = judge.ollama_get(base_url, "/api/version", timeout)["version"]
+        version = ollama_client.ollama_get(base_url, "/api/version", timeout)["version"]
     except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
         return None  # URLError and timeouts are OSErrors; a foreign answer fails to parse
     return version if isinstance(version, str) else None
@@ -67,9 +68,9 @@ def _request(method, url, data=None, headers=None, max_seconds=CHECK_MAX_S, what
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     deadline = time.monotonic() + max_seconds
     try:
-        with judge.open_until(request, PIECE_TIMEOUT_S, deadline) as response:
+        with open_until(request, PIECE_TIMEOUT_S, deadline) as response:
             body = b"".join(
-                judge.read_bounded(response, MAX_ANSWER_BYTES, deadline, PIECE_TIMEOUT_S)
+                read_bounded(response, MAX_ANSWER_BYTES, deadline, PIECE_TIMEOUT_S)
             )
             if time.monotonic() >= deadline:  # cut off by the deadline, not ended by Ollama
                 raise TimeoutError("the answer took longer than the time allowed")
@@ -202,7 +203,7 @@ def register_with_ollama(
     The same model that `ollama create <name> -f <Modelfile>` builds. Returns Ollama's
     status lines. No Ollama, or one too old, stops before anything is uploaded.
     """
-    base_url = judge.ollama_host(host)
+    base_url = ollama_client.ollama_host(host)
     version = ollama_version(base_url)
     if version is None:
         raise ExportError(
