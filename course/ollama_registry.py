@@ -69,9 +69,7 @@ def _request(method, url, data=None, headers=None, max_seconds=CHECK_MAX_S, what
     deadline = time.monotonic() + max_seconds
     try:
         with open_until(request, PIECE_TIMEOUT_S, deadline) as response:
-            body = b"".join(
-                read_bounded(response, MAX_ANSWER_BYTES, deadline, PIECE_TIMEOUT_S)
-            )
+            body = b"".join(read_bounded(response, MAX_ANSWER_BYTES, deadline, PIECE_TIMEOUT_S))
             if time.monotonic() >= deadline:  # cut off by the deadline, not ended by Ollama
                 raise TimeoutError("the answer took longer than the time allowed")
             return response.status, body
